@@ -1,0 +1,3 @@
+from cellpuzzle_cli.cli import main
+
+main()

@@ -1,0 +1,110 @@
+"""What every command shares: option aliases, the manifest, consoles, progress bars.
+
+Command modules only parse options, call one service, print its result and record the run.
+Nothing heavy is imported here, so `cellpuzzle --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.manifest import Artifact, Manifest
+
+console = Console()
+err_console = Console(stderr=True)
+
+# -- shared option aliases ---------------------------------------------------------------
+OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
+OptionalOutputDir = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value config overrides.", show_default=False)]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside a model folder (off by default: model folders come from strangers).")]
+
+
+def manifest(ctx: typer.Context) -> Manifest:
+    """The manifest chosen with the global `--manifest` option."""
+    root = ctx.find_root()
+    path = (root.obj or {}).get("manifest_path", Path("cellpuzzle.json"))
+    return Manifest(path)
+
+
+def input_or_latest(ctx: typer.Context, given: Path | None, commands: str | tuple[str, ...],
+                    what: str, name: str | None = None) -> Path:
+    """The user's input, else the latest matching output recorded in the manifest."""
+    if given is not None:
+        return given
+    m = manifest(ctx)
+    found = m.latest_output(commands, name)
+    if found is None:
+        steps = commands if isinstance(commands, str) else " or ".join(commands)
+        raise UserError(f"No {what} given and the manifest {m.path} records no `{steps}` run to "
+                        f"take it from. Pass the {what} explicitly, or run `cellpuzzle {steps}` first.")
+    if not found.exists():
+        raise UserError(f"The manifest {m.path} points to {found} for the {what}, but it no longer "
+                        "exists. Pass the input explicitly or re-run the step that made it.")
+    err_console.print(f"[dim]Using {what} from the manifest: {found}[/dim]")
+    return found
+
+
+def record(ctx: typer.Context, command: str, params: dict[str, Any], started: float,
+           inputs: Iterable[Path | Artifact], outputs: Iterable[Path | Artifact],
+           extra: dict[str, Any] | None = None) -> None:
+    """Append this run to the manifest."""
+    def art(x: Path | Artifact, default: str) -> Artifact:
+        return x if isinstance(x, Artifact) else Artifact(Path(x), default)
+
+    manifest(ctx).record(command, _jsonable(params), [art(i, "input") for i in inputs],
+                         [art(o, "output") for o in outputs], started, extra=extra)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def start() -> float:
+    return time.time()
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: float | None = None,
+                 unit: str = "") -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields `update(advance=1, total=None, description=None)`."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(advance: float = 1, total: float | None = None,
+                   description: str | None = None) -> None:
+            kwargs: dict[str, Any] = {"advance": advance}
+            if total is not None:
+                kwargs["total"] = total
+            if description is not None:
+                kwargs["description"] = description
+            progress.update(task, **kwargs)
+
+        yield update
+
+
+def not_implemented(command: str) -> None:
+    raise UserError(f"`cellpuzzle {command}` is not implemented yet. It is planned; see the "
+                    "project's open issues.")

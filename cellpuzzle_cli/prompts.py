@@ -1,0 +1,93 @@
+"""The one owner of the puzzle text: system message, user message layout, chat messages.
+
+Training (sft, to-parquet/rl) and inference (predict) all build prompts here, so a model is
+always asked in the way it was taught. The one choice about roles: the system message goes
+in the `system` turn, the puzzle in the `user` turn, everywhere (Cell-o1 mixed a user-only RL
+prompt with a system-text-appended evaluation prompt; we do not).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SYSTEM_PROMPT = (
+    "You are an expert in single-cell biology. The user gives you several cells from one donor, "
+    "each described by its most highly expressed genes in descending order, and a list of "
+    "candidate cell types. Every candidate belongs to exactly one cell and every cell has exactly "
+    "one candidate. Reason about marker genes and the donor context, then commit to one complete "
+    "assignment.\n"
+    "Reply in exactly this layout:\n"
+    "<think>\nyour reasoning\n</think>\n"
+    "<answer>type of Cell 1 | type of Cell 2 | ... | type of the last cell</answer>\n"
+    "Inside <answer>, list the candidate names exactly as written, in cell order, separated by ' | '."
+)
+
+CANDIDATES_HEADER = "Candidate cell types (use each exactly once):"
+ANSWER_SEPARATOR = " | "
+_CELL_LINE = re.compile(r"^\s*Cell\s+(\d+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
+
+
+def load_system_prompt(path: Path | None) -> str:
+    """The shipped system message, or the text of `--system-prompt-file`."""
+    if path is None:
+        return SYSTEM_PROMPT
+    from cellpuzzle_cli.errors import existing_path
+
+    return existing_path(path, "system prompt file").read_text().strip()
+
+
+def format_question(context: str, cells: Sequence[Sequence[str]], candidates: Sequence[str]) -> str:
+    """User message: donor context, one `Cell i: g1, g2, …` line per cell, then the candidates."""
+    lines = [context.strip(), ""] if context and context.strip() else []
+    lines += [f"Cell {i}: {', '.join(genes)}" for i, genes in enumerate(cells, 1)]
+    lines += ["", CANDIDATES_HEADER, *candidates]
+    return "\n".join(lines)
+
+
+def format_answer(cell_types: Sequence[str]) -> str:
+    return ANSWER_SEPARATOR.join(cell_types)
+
+
+def parse_question(question: str) -> tuple[list[list[str]], list[str]]:
+    """Cells' gene lists and candidate types back from a user message.
+
+    Accepts our layout and close variants (e.g. the published CellPuzzles text): candidates are
+    the non-empty lines after the first line following the cells that ends with ':', or, when a
+    single line, its comma/semicolon-separated items.
+    """
+    cells: list[list[str]] = []
+    lines = question.splitlines()
+    last_cell = -1
+    for i, line in enumerate(lines):
+        m = _CELL_LINE.match(line)
+        if m:
+            cells.append([g.strip() for g in m.group(2).split(",") if g.strip()])
+            last_cell = i
+    rest = lines[last_cell + 1:]
+    header = next((j for j, line in enumerate(rest) if line.rstrip().endswith(":")), None)
+    tail = rest[header + 1:] if header is not None else rest
+    items = [line.strip().lstrip("-*• ").strip() for line in tail if line.strip()]
+    if len(items) == 1 and re.search(r"[,;]", items[0]):
+        items = [x.strip() for x in re.split(r"[,;]", items[0]) if x.strip()]
+    return cells, items
+
+
+def chat_messages(system_msg: str | None, user_msg: str,
+                  assistant_msg: str | None = None) -> list[dict[str, str]]:
+    """Chat turns for a chat template; the assistant turn only when training."""
+    messages = []
+    if system_msg:
+        messages.append({"role": "system", "content": system_msg})
+    messages.append({"role": "user", "content": user_msg})
+    if assistant_msg is not None:
+        messages.append({"role": "assistant", "content": assistant_msg})
+    return messages
+
+
+def record_messages(record: dict[str, Any], with_answer: bool = False) -> list[dict[str, str]]:
+    """Chat turns for a split record (`system_msg`, `user_msg`, `assistant_msg`)."""
+    return chat_messages(record.get("system_msg") or SYSTEM_PROMPT, record["user_msg"],
+                         record.get("assistant_msg") if with_answer else None)

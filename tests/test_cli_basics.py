@@ -1,0 +1,46 @@
+"""The entry point itself: instant help, every command listed, clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from conftest import assert_user_error, run_cli
+
+COMMANDS = ["build-context", "make-qa", "split", "sft", "merge-lora", "to-parquet", "rl",
+            "convert-ckpt", "predict", "score"]
+
+
+def test_help_lists_every_command_quickly():
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cellpuzzle_cli", "--help"], capture_output=True,
+                          text=True, check=True)
+    elapsed = time.perf_counter() - t0
+    for command in COMMANDS:
+        assert command in proc.stdout
+    assert elapsed < 2.0, f"--help took {elapsed:.2f}s; a heavy import crept into start-up"
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys; from cellpuzzle_cli.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch','transformers','scanpy','anndata','pyarrow','trl','verl') "
+            "if m in sys.modules]\nprint('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_manifest_command_on_empty_ledger(tmp_path):
+    result = run_cli("manifest", manifest=tmp_path / "m.json")
+    assert result.code == 0
+    assert "0 run(s)" in result.output
+
+
+def test_bad_override_syntax_is_a_user_error():
+    from cellpuzzle_cli.config import parse_overrides
+    from cellpuzzle_cli.errors import UserError
+    import pytest
+
+    with pytest.raises(UserError, match="key=value"):
+        parse_overrides(["learning_rate"])
