@@ -24,9 +24,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 def parse_value(text: str) -> Any:
     """A command-line value typed the way YAML would read it (`5e-3`, `true`, `[a, b]`, `null`)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -20,6 +20,9 @@ import orjson
 from cellpuzzle_cli.errors import UserError, existing_path
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
 
 
 def dumps_line(record: dict[str, Any]) -> bytes:
@@ -32,6 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -127,6 +131,7 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
                             "folder with -o, or pass --overwrite to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:

@@ -9,11 +9,12 @@ from cellpuzzle_cli.errors import UserError
 
 
 def _report(exc: UserError) -> None:
+    from rich.markup import escape
     from rich.panel import Panel
 
     from cellpuzzle_cli.cli.common import err_console
 
-    err_console.print(Panel(str(exc), title="cellpuzzle: error", title_align="left",
+    err_console.print(Panel(escape(str(exc)), title="cellpuzzle: error", title_align="left",
                             border_style="red", expand=False))
 
 

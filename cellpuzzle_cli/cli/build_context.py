@@ -2,11 +2,111 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import (
+    OutputDir,
+    Overwrite,
+    Seed,
+    console,
+    err_console,
+    progress_bar,
+    record,
+    start,
+)
 
 
-def build_context(ctx: typer.Context) -> None:
-    """Per-cell top genes and donor context from .h5ad files."""
-    not_implemented("build-context")
+def build_context(
+    ctx: typer.Context,
+    inputs: Annotated[list[Path], typer.Argument(
+        help=".h5ad files and/or folders (searched recursively).", show_default=False)],
+    output: OutputDir,
+    top_genes: Annotated[int, typer.Option(
+        "--top-genes", help="Genes listed per cell, highest expression first.")] = 50,
+    cell_type_col: Annotated[str, typer.Option(
+        "--cell-type-col", help="obs column with the cell type (the puzzle's answer).")]
+    = "cell_type",
+    donor_col: Annotated[str | None, typer.Option(
+        "--donor-col", help="obs column with the donor. Default: donor_id when present, else "
+                            "each file is one donor group (with a warning).",
+        show_default=False)] = None,
+    batch_col: Annotated[str | None, typer.Option(
+        "--batch-col", help="obs column with a batch/sample to split donor groups by. Default: "
+                            "none (CELLxGENE has no batch column; batch_id stays empty).",
+        show_default=False)] = None,
+    gene_col: Annotated[str | None, typer.Option(
+        "--gene-col", help="var column with gene symbols. Default: feature_name when present, "
+                           "else the var names.", show_default=False)] = None,
+    max_cells: Annotated[int | None, typer.Option(
+        "--max-cells", help="Keep at most this many cells per file, chosen with --seed.",
+        show_default=False)] = None,
+    seed: Seed = 0,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Worker processes reading the matrix (files and row chunks in "
+                          "parallel). Default: one per CPU core, up to 8.",
+        show_default=False)] = None,
+    context_config: Annotated[Path | None, typer.Option(
+        "--context-config", help="YAML with the context fields and wording. Default: the "
+                                 "shipped configs/context_fields.yaml.", show_default=False)]
+    = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Per-cell top genes and donor context from .h5ad files.
+
+    Writes one Parquet cell table per input file under the output folder,
+    mirroring input folders, plus build-context.json with the settings.
+
+    Keeps only suspension_type == "cell" where that column exists and drops
+    cells without a cell type. When X is scaled (negative values), genes are
+    ranked on .raw.X or layers['counts'] instead.
+
+    Example: [bold]cellpuzzle build-context data/ -o cells/ --max-cells 20000[/bold]
+    """
+    from cellpuzzle_cli.context import ContextConfig, default_workers
+    from cellpuzzle_cli.context import build_context as run
+    from cellpuzzle_cli.manifest import Artifact
+
+    started = start()
+    config = ContextConfig(top_genes=top_genes, cell_type_col=cell_type_col, donor_col=donor_col,
+                           batch_col=batch_col, gene_col=gene_col, max_cells=max_cells, seed=seed,
+                           workers=workers if workers is not None else default_workers(),
+                           context_config=context_config)
+    with progress_bar("build-context", unit="cells") as update:
+        result = run(inputs, output, config, overwrite=overwrite, progress=update)
+    _print_summary(result)
+    params = {"inputs": [str(p) for p in inputs], "output": str(output), "top_genes": top_genes,
+              "cell_type_col": cell_type_col, "donor_col": donor_col, "batch_col": batch_col,
+              "gene_col": gene_col, "max_cells": max_cells, "seed": seed,
+              "workers": config.workers, "context_config": context_config}
+    record(ctx, "build-context", params, started,
+           inputs=[Artifact(Path(f.input), "h5ad") for f in result.files],
+           outputs=[Artifact(output, "cells")])
+
+
+def _print_summary(result) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
+                  title=f"build-context: {result.cells:,} cells from {len(result.files)} file(s) "
+                        f"→ {result.out_dir} ({result.seconds:.1f} s, "
+                        f"{result.workers} worker(s))",
+                  caption="dropped = nucleus (suspension_type not 'cell') / NaN cell type / "
+                          "over --max-cells")
+    table.add_column("file", overflow="fold")
+    table.add_column("kept/read", justify="right", no_wrap=True)
+    table.add_column("dropped", justify="right", no_wrap=True)
+    table.add_column("donors/types", justify="right", no_wrap=True)
+    table.add_column("matrix", overflow="fold")
+    table.add_column("cells/s", justify="right")
+    for f in result.files:
+        table.add_row(f.output, f"{f.cells_kept:,}/{f.cells_read:,}",
+                      f"{f.dropped_suspension:,}/{f.dropped_nan_type:,}/{f.dropped_subsample:,}",
+                      f"{f.donors}/{f.cell_types}", f.matrix, f"{f.cells_per_s:,.0f}")
+    console.print(table)
+    for f in result.files:
+        for w in f.warnings:
+            err_console.print(f"[yellow]warning:[/yellow] {f.output}: {w}")

@@ -90,19 +90,27 @@ def progress_bar(description: str, total: float | None = None,
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=False) as progress:
-        task = progress.add_task(description, total=total)
+    progress = Progress(*columns, console=err_console, transient=False)
+    task = progress.add_task(description, total=total)
 
-        def update(advance: float = 1, total: float | None = None,
-                   description: str | None = None) -> None:
-            kwargs: dict[str, Any] = {"advance": advance}
-            if total is not None:
-                kwargs["total"] = total
-            if description is not None:
-                kwargs["description"] = description
-            progress.update(task, **kwargs)
+    # Shown from the first update on, so a run that fails while checking its input prints
+    # only the error, not an empty bar.
+    def update(advance: float = 1, total: float | None = None,
+               description: str | None = None) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        kwargs: dict[str, Any] = {"advance": advance}
+        if total is not None:
+            kwargs["total"] = total
+        if description is not None:
+            kwargs["description"] = description
+        progress.update(task, **kwargs)
 
+    try:
         yield update
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def not_implemented(command: str) -> None:

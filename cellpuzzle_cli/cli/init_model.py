@@ -1,12 +1,55 @@
-"""`cellpuzzle init-model`: A tiny from-scratch model for offline tests and demos."""
+"""`cellpuzzle init-model`: a tiny from-scratch model for offline tests and demos."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import (
+    OutputDir,
+    Overwrite,
+    Seed,
+    console,
+    input_or_latest,
+    progress_bar,
+    record,
+    start,
+)
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.manifest import Artifact
 
 
-def init_model(ctx: typer.Context) -> None:
-    """A tiny from-scratch model for offline tests and demos."""
-    not_implemented("init-model")
+def init_model(
+    ctx: typer.Context,
+    output: OutputDir = Path("tiny-model"),
+    tiny: Annotated[bool, typer.Option(
+        "--tiny", help="Build a ~150k-parameter Qwen2 with a tokenizer trained on the puzzles.")]
+    = False,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Puzzles whose text trains the tokenizer. Default: the latest split's "
+                       "train file in the manifest.")] = None,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """A tiny from-scratch model for offline tests and demos (random weights, real tokenizer).
+
+    Any Hugging Face model folder works with sft the same way; this one needs no download.
+
+    Example: cellpuzzle init-model --tiny -o tiny-model --data splits/train.jsonl
+    """
+    if not tiny:
+        raise UserError("init-model only builds tiny models so far: pass --tiny. To fine-tune a "
+                        "real model, give its folder to `cellpuzzle sft --model`.")
+    from cellpuzzle_cli.sft import init_tiny_model
+
+    started = start()
+    train = input_or_latest(ctx, data, "split", "training data (--data)", name="train")
+    with progress_bar("init-model") as update:
+        result = init_tiny_model(train, output, seed=seed, overwrite=overwrite, progress=update)
+    console.print(f"[bold green]Tiny model written to {result.out}[/bold green]: "
+                  f"{result.parameters:,} parameters, vocabulary {result.vocab_size:,} "
+                  f"(tokenizer trained on {result.n_texts:,} texts)")
+    record(ctx, "init-model", {"tiny": tiny, "data": train, "seed": seed}, started,
+           [Artifact(train, "train")], [Artifact(output, "model")])

@@ -2,20 +2,154 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import (
+    ConfigFile,
+    OptionalOutputDir,
+    Overrides,
+    Overwrite,
+    console,
+    err_console,
+    input_or_latest,
+    progress_bar,
+    record,
+    start,
+)
+from cellpuzzle_cli.manifest import Artifact
 
 app = typer.Typer(no_args_is_help=True)
 
+Backend = Annotated[str | None, typer.Option(
+    "--backend", help="verl (Ray, GPUs; the default) or trl (one machine, CPU or one GPU). "
+                      "Overrides cellpuzzle.backend in the config.", show_default=False)]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Compose verl's own config with your keys, run its checks, print the "
+                      "command, and stop.")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", help="An existing Ray cluster (HOST:PORT or ray://HOST:10001); checked with "
+                          "a bounded connect first. Default: verl starts a local Ray.",
+    show_default=False)]
+Nnodes = Annotated[int | None, typer.Option("--nnodes", help="trainer.nnodes.", show_default=False)]
+Gpus = Annotated[int | None, typer.Option("--gpus-per-node", help="trainer.n_gpus_per_node.",
+                                             show_default=False)]
+Data = Annotated[Path | None, typer.Option(
+    "--data", help="Training Parquet (verl RL schema). Default: the latest to-parquet 'train'.",
+    show_default=False)]
+ValData = Annotated[Path | None, typer.Option(
+    "--val-data", help="Validation Parquet. Default: the latest to-parquet 'val'.", show_default=False)]
+Model = Annotated[Path | None, typer.Option(
+    "--model", help="Hugging Face model folder. Default: the latest merge-lora or init-model output.",
+    show_default=False)]
+
+
+def _run(ctx: typer.Context, algorithm: str, config: Path | None, overrides: list[str] | None,
+         backend: str | None, dry_run: bool, ray_address: str | None, nnodes: int | None,
+         gpus_per_node: int | None, data: Path | None, val_data: Path | None,
+         model: Path | None, output: Path | None, overwrite: bool) -> None:
+    from cellpuzzle_cli.config import parse_overrides
+    from cellpuzzle_cli.rl import RLRequest, run_rl
+
+    started = start()
+    sources = {"train": ("to-parquet", "training Parquet", "train"),
+               "val": ("to-parquet", "validation Parquet", "val"),
+               "model": (("merge-lora", "init-model"), "model", "model")}
+
+    def lookup(what: str) -> Path:
+        commands, label, name = sources[what]
+        return input_or_latest(ctx, None, commands, label, name=name)
+
+    request = RLRequest(algorithm=algorithm, config_file=config,
+                        overrides=parse_overrides(overrides), backend=backend, dry_run=dry_run,
+                        ray_address=ray_address, nnodes=nnodes, gpus_per_node=gpus_per_node,
+                        train=data, val=val_data, model=model, output=output, overwrite=overwrite)
+    with progress_bar(f"rl {algorithm}") as update:
+        result = run_rl(request, lookup, progress=update)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+    if result.dry_run:
+        if result.command:
+            console.print("[green]verl accepted the config.[/green] Command:")
+            console.print(" ".join(_quote(a) for a in result.command), soft_wrap=True,
+                          highlight=False, markup=False)
+        else:
+            console.print("[green]TRL GRPOConfig[/green] (from the verl keys):")
+            for key, value in (result.grpo_args or {}).items():
+                console.print(f"  {key} = {value!r}", highlight=False, markup=False)
+        return
+    params = {"algorithm": algorithm, "backend": result.backend, "config": config,
+              "overrides": result.overrides}
+    inputs = [Artifact(p, n) for n, p in result.inputs.items()]
+    if result.backend == "trl":
+        rewards = ", ".join(f"{r:.3f}" for r in result.rewards)
+        console.print(f"[green]GRPO (TRL)[/green] {result.steps} step(s); reward per logged step: "
+                      f"{rewards or 'none logged'}; model -> {result.output}")
+        record(ctx, f"rl {algorithm}", params, started, inputs, [Artifact(result.output, "model")])
+        return
+    if result.exit_code != 0:
+        err_console.print(f"[red]verl exited with code {result.exit_code}[/red]; see its log above.")
+        raise typer.Exit(result.exit_code)
+    console.print(f"[green]verl finished.[/green] Checkpoints in {result.output}; convert one with "
+                  f"`cellpuzzle convert-ckpt {result.output}`.")
+    record(ctx, f"rl {algorithm}", params, started, inputs, [Artifact(result.output, "checkpoints")])
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
 
 @app.command("grpo")
-def grpo(ctx: typer.Context) -> None:
-    """GRPO: group-relative policy optimisation with the CellPuzzles reward."""
-    not_implemented("rl grpo")
+def grpo(
+    ctx: typer.Context,
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    backend: Backend = None,
+    dry_run: DryRun = False,
+    ray_address: RayAddress = None,
+    nnodes: Nnodes = None,
+    gpus_per_node: Gpus = None,
+    data: Data = None,
+    val_data: ValData = None,
+    model: Model = None,
+    output: OptionalOutputDir = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """GRPO with the CellPuzzles reward (Cell-o1's settings: configs/grpo.yaml).
+
+    Keys are verl's own dotted names; `cellpuzzle.KEY=…` sets our section.
+
+    Examples:
+    [bold]cellpuzzle rl grpo --dry-run actor_rollout_ref.rollout.n=8[/bold]
+    [bold]cellpuzzle rl grpo --backend trl trainer.total_training_steps=3 -o rl-trl[/bold]
+    """
+    _run(ctx, "grpo", config, overrides, backend, dry_run, ray_address, nnodes, gpus_per_node,
+         data, val_data, model, output, overwrite)
 
 
 @app.command("ppo")
-def ppo(ctx: typer.Context) -> None:
-    """PPO with a critic (verl only)."""
-    not_implemented("rl ppo")
+def ppo(
+    ctx: typer.Context,
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    backend: Backend = None,
+    dry_run: DryRun = False,
+    ray_address: RayAddress = None,
+    nnodes: Nnodes = None,
+    gpus_per_node: Gpus = None,
+    data: Data = None,
+    val_data: ValData = None,
+    model: Model = None,
+    output: OptionalOutputDir = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """PPO with a critic, on verl only (Cell-o1's settings: configs/ppo.yaml).
+
+    Example: [bold]cellpuzzle rl ppo --dry-run --nnodes 2 --gpus-per-node 8[/bold]
+    """
+    _run(ctx, "ppo", config, overrides, backend, dry_run, ray_address, nnodes, gpus_per_node,
+         data, val_data, model, output, overwrite)

@@ -2,11 +2,139 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import Seed, console, err_console, manifest, record, start
+
+_METRIC_LABELS = (("cell_accuracy", "Cell accuracy"), ("exact_match", "Exact match"),
+                  ("format_legitimacy", "Format legitimacy"), ("uniqueness", "Uniqueness"))
 
 
-def score(ctx: typer.Context) -> None:
-    """Cell-o1 metrics for prediction files."""
-    not_implemented("score")
+def score(
+    ctx: typer.Context,
+    predictions: Annotated[list[Path] | None, typer.Argument(
+        help="Prediction JSONL files, or folders of them (one folder = one run; several folders = "
+             "one column each). Default: every shard of the latest `predict` run in the manifest.",
+        show_default=False)] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of accuracy by N here.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="Test split; report puzzles that have no prediction.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        "--tokenizer", help="Tokenizer folder for prediction_length in tokens (default: whitespace words).")] = None,
+    cello1_compat: Annotated[bool, typer.Option(
+        "--cello1-compat", help="Reproduce Cell-o1's script: extra items still count as exact; "
+                                "case-sensitive uniqueness.")] = False,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="With no input: score the finished shards even if some are missing.")] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    seed: Seed = 0,
+) -> None:
+    """Cell-o1 metrics (cell accuracy, exact match, format legitimacy, uniqueness, length) for predictions.
+
+    Example: [bold]cellpuzzle score preds/ --json report.json --plot by_n.png[/bold]
+    Compare runs: [bold]cellpuzzle score runs/sft/ runs/grpo/ --reference splits/test.jsonl[/bold]
+    """
+    from cellpuzzle_cli.errors import UserError
+    from cellpuzzle_cli.manifest import Artifact
+    from cellpuzzle_cli.scoring import (
+        RunInput,
+        collect_files,
+        plot_by_n,
+        score_runs,
+        shards_from_manifest,
+    )
+
+    started = start()
+    if predictions:
+        runs = collect_files(predictions)
+        input_paths = [Path(p) for p in predictions]
+    else:
+        m = manifest(ctx)
+        shards = shards_from_manifest(m)
+        if shards.missing:
+            listed = ", ".join(str(i) for i in shards.missing)
+            if not partial or not shards.files:
+                raise UserError(
+                    f"The latest `predict` run ({shards.output_dir}, {shards.num_shards} shard(s)) is "
+                    f"incomplete: shard(s) {listed} of {shards.num_shards} have no finished entry in "
+                    f"{m.path}. Run them (`cellpuzzle predict --shard i/{shards.num_shards} …`), or "
+                    "pass --partial to score the finished shards only.")
+            err_console.print(f"[yellow]Scoring {len(shards.files)} of {shards.num_shards} shards; "
+                              f"missing: {listed}.[/yellow]")
+        err_console.print(f"[dim]Using predictions from the manifest: {shards.output_dir}[/dim]")
+        runs = [RunInput(Path(shards.output_dir).name or "predictions", shards.files, strict=True)]
+        input_paths = shards.files
+
+    result = score_runs(runs, cello1_compat=cello1_compat, tokenizer=tokenizer, reference=reference,
+                        resamples=bootstrap, seed=seed)
+    outputs = []
+    if json_out is not None:
+        from cellpuzzle_cli.io import write_json
+
+        write_json(json_out, result.to_json())
+        outputs.append(Artifact(json_out, "report"))
+    if plot is not None:
+        plot_by_n(result.reports, plot)
+        outputs.append(Artifact(plot, "plot"))
+    _print(result)
+
+    params: dict[str, Any] = {"runs": [r.name for r in runs], "cello1_compat": cello1_compat,
+                              "tokenizer": tokenizer, "reference": reference, "partial": partial,
+                              "bootstrap": bootstrap, "seed": seed, "json": json_out, "plot": plot,
+                              "prediction_length_unit": result.length_unit}
+    summary = {r.name: {k: r.overall[k] for k in ("count", "cell_accuracy", "exact_match",
+                                                  "format_legitimacy", "uniqueness", "errors")}
+               for r in result.reports}
+    inputs = [Artifact(p, "predictions") for p in input_paths]
+    if reference is not None:
+        inputs.append(Artifact(reference, "reference"))
+    record(ctx, "score", params, started, inputs, outputs, extra={"summary": summary})
+
+
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    text = f"{metrics[key]:.4f} ± {metrics[f'{key}_pm']:.4f}"
+    ci = metrics.get(f"{key}_ci95")
+    if ci:
+        text += f" [dim][{ci[0]:.3f}, {ci[1]:.3f}][/dim]"
+    return text
+
+
+def _print(result: Any) -> None:
+    from rich.table import Table
+
+    reports = result.reports
+    table = Table(title=f"Scores (± as Cell-o1 reports it; [95% bootstrap CI]; prediction length in "
+                        f"{result.length_unit})", title_justify="left")
+    table.add_column("metric")
+    for r in reports:
+        table.add_column(r.name, justify="right")
+    for key, label in _METRIC_LABELS:
+        table.add_row(label, *[_cell(r.overall, key) for r in reports])
+    table.add_row("Prediction length", *[f"{r.overall['prediction_length']:.1f}" for r in reports])
+    table.add_row("Predictions", *[str(r.overall["count"]) for r in reports])
+    table.add_row("Failed (error)", *[str(r.errors) for r in reports])
+    if any(r.missing is not None for r in reports):
+        table.add_row("Missing vs reference",
+                      *[str(len(r.missing)) if r.missing is not None else "-" for r in reports])
+    console.print(table)
+
+    by_n = Table(title="By N: cell accuracy / exact match (count)", title_justify="left")
+    by_n.add_column("N", justify="right")
+    for r in reports:
+        by_n.add_column(r.name, justify="right")
+    for n in sorted({k for r in reports for k in r.by_n}):
+        row = []
+        for r in reports:
+            m = r.by_n.get(n)
+            row.append(f"{m['cell_accuracy']:.3f} / {m['exact_match']:.3f} ({m['count']})" if m else "-")
+        by_n.add_row(str(n), *row)
+    console.print(by_n)
+    for r in reports:
+        if r.missing:
+            shown = ", ".join(r.missing[:10]) + (" …" if len(r.missing) > 10 else "")
+            console.print(f"[yellow]{r.name}: {len(r.missing)} puzzle(s) of the reference have no "
+                          f"prediction: {shown}[/yellow]")

@@ -1,12 +1,101 @@
-"""`cellpuzzle sft`: Supervised fine-tuning with TRL + PEFT LoRA."""
+"""`cellpuzzle sft`: supervised fine-tuning with TRL + PEFT LoRA."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import (
+    ConfigFile,
+    OutputDir,
+    Overrides,
+    Overwrite,
+    TrustRemoteCode,
+    console,
+    input_or_latest,
+    progress_bar,
+    record,
+    start,
+)
+from cellpuzzle_cli.manifest import Artifact
 
 
-def sft(ctx: typer.Context) -> None:
-    """Supervised fine-tuning with TRL + PEFT LoRA."""
-    not_implemented("sft")
+def quiet_libraries() -> None:
+    """Our progress bar replaces the libraries' own bars and info logs."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def sft(
+    ctx: typer.Context,
+    overrides: Overrides = None,
+    output: OutputDir = Path("adapter"),
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Base model folder (or a cached hub id). Default: the latest "
+                        "`init-model` output in the manifest.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Training puzzles: train.jsonl from `split`, or a CellPuzzles JSON/Parquet "
+                       "file with system_msg, user_msg, assistant_msg. Default: the latest split's "
+                       "train file in the manifest.")] = None,
+    config: ConfigFile = None,
+    rationale: Annotated[str | None, typer.Option(
+        "--rationale", help="Targets without a <think> block get one: 'template' (marker genes "
+                            "learned from the training puzzles) or 'none' (empty).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted (or kept-checkpoint) run for this -o folder.")]
+    = False,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Supervised fine-tuning with TRL + PEFT LoRA on the assistant turns only.
+
+    Settings come from configs/sft.yaml (Cell-o1's recipe), --config, then key=value overrides.
+
+    Example: cellpuzzle sft --model tiny-model -o adapter max_steps=30 learning_rate=5e-3 lora_r=8
+    """
+    from cellpuzzle_cli.config import build_config, parse_overrides
+    from cellpuzzle_cli.sft import SftSettings, model_source, run_sft
+
+    started = start()
+    values = parse_overrides(overrides)
+    if rationale is not None:
+        values["rationale"] = rationale
+    settings = build_config(SftSettings, config, values, default_file="sft.yaml")
+    base = model if model is not None else str(
+        input_or_latest(ctx, None, "init-model", "base model (--model)", name="model"))
+    train = input_or_latest(ctx, data, "split", "training data (--data)", name="train")
+    quiet_libraries()
+    with progress_bar("sft", unit="steps") as update:
+        result = run_sft(base, train, output, settings, resume=resume, overwrite=overwrite,
+                         trust_remote_code=trust_remote_code, progress=update)
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    console.print(f"[bold green]Adapter written to {result.out}[/bold green]")
+    console.print(f"  base model   {result.base_model}")
+    console.print(f"  puzzles      {result.n_train} train, {result.n_eval} eval "
+                  f"(targets: {result.rationale_counts})")
+    console.print(f"  steps        {result.steps} in {result.runtime_s:.1f}s on {result.device}"
+                  f"{' (bf16)' if result.bf16 else ''}"
+                  f"{f', resumed from {result.resumed_from}' if result.resumed_from else ''}")
+    console.print(f"  train loss   {fmt(result.train_loss)} mean "
+                  f"(first logged {fmt(result.first_loss)}, last {fmt(result.last_loss)})")
+    console.print(f"  eval loss    {fmt(result.eval_loss)}")
+    console.print(f"  trainable    {result.trainable_params:,} adapter parameters")
+    inputs = [Artifact(train, "train")]
+    if Path(result.base_model).exists():
+        inputs.insert(0, Artifact(Path(result.base_model), "base_model"))
+    from dataclasses import asdict
+
+    record(ctx, "sft", {**asdict(settings), "model": model_source(base), "data": train,
+                        "resume": resume},
+           started, inputs, [Artifact(output, "adapter")],
+           extra={"results": {"train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                              "steps": result.steps, "runtime_s": round(result.runtime_s, 2)}})

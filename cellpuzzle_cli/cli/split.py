@@ -2,11 +2,87 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import (
+    OutputDir,
+    Overwrite,
+    Seed,
+    console,
+    input_or_latest,
+    progress_bar,
+    record,
+    start,
+)
 
 
-def split(ctx: typer.Context) -> None:
-    """Leakage-free, N-stratified train/test split of puzzles."""
-    not_implemented("split")
+def split(
+    ctx: typer.Context,
+    output: OutputDir,
+    puzzles: Annotated[Path | None, typer.Argument(
+        help="make-qa's output folder or a puzzles .jsonl. Default: the latest make-qa output "
+             "in the manifest.", show_default=False)] = None,
+    group_by: Annotated[str, typer.Option(
+        "--group-by", help="What never straddles train and test: donor, dataset, or cell "
+                           "(for single-donor data).")] = "donor",
+    test_fraction: Annotated[float, typer.Option(
+        "--test-fraction", help="Share of puzzles aimed for in test (before --max-test); "
+                                "unused when make-qa --test-cells already chose the cells.")] = 0.2,
+    max_test: Annotated[int, typer.Option("--max-test", help="At most this many test puzzles.")]
+    = 1100,
+    seed: Seed = 0,
+    system_prompt_file: Annotated[Path | None, typer.Option(
+        "--system-prompt-file", help="Text file to use as system_msg instead of the shipped "
+                                     "instructions.", show_default=False)] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Leakage-free, N-stratified train/test split of puzzles.
+
+    Writes [bold]train.jsonl[/bold] and [bold]test.jsonl[/bold] (system_msg, user_msg,
+    assistant_msg, puzzle_id, n, group, dataset, donor_id, cell_ids) and split.json.
+
+    Single-donor data: make the puzzles with [bold]make-qa --test-cells 0.2[/bold] and split
+    with [bold]--group-by cell[/bold]; train and test then share no cell and lose no puzzle.
+
+    Example: [bold]cellpuzzle split puzzles/ -o splits/ --group-by donor --max-test 1100[/bold]
+    """
+    from cellpuzzle_cli.splitting import SplitConfig, split_puzzles
+
+    started = start()
+    config = SplitConfig(group_by=group_by, test_fraction=test_fraction, max_test=max_test,
+                         seed=seed, system_prompt_file=system_prompt_file)
+    config.validate()
+    puzzles_path = input_or_latest(ctx, puzzles, "make-qa", "puzzles", name="puzzles")
+    with progress_bar("Splitting puzzles") as update:
+        result = split_puzzles(puzzles_path, output, config, overwrite=overwrite, progress=update)
+    _print_summary(result)
+    from cellpuzzle_cli.manifest import Artifact
+
+    record(ctx, "split", result.params, started, inputs=[Artifact(puzzles_path, "puzzles")],
+           outputs=[Artifact(result.train_path, "train"), Artifact(result.test_path, "test")])
+
+
+def _print_summary(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"split (--group-by {result.group_by}: {result.method}) → "
+                        f"{result.out_dir}")
+    columns = ("train", "test", "dropped_leak", "dropped_cap")
+    headers = ("train", "test", "dropped: shares a cell", "dropped: over --max-test")
+    table.add_column("N", justify="right")
+    for h in headers:
+        table.add_column(h, justify="right")
+    for n, row in result.per_n.items():
+        table.add_row(str(n), *(str(row[c]) for c in columns))
+    table.add_row("all", *(str(result.total(c)) for c in columns), style="bold")
+    console.print(table)
+    counts = result.counts
+    for what in ("donors", "cells"):
+        note = (" (expected: --group-by cell splits one donor's cells)"
+                if what == "donors" and result.group_by == "cell" and counts["shared"][what]
+                else "")
+        console.print(f"{what.capitalize()}: train {counts['train'][what]}, test "
+                      f"{counts['test'][what]}, shared {counts['shared'][what]}{note}")

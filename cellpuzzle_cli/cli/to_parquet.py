@@ -1,12 +1,55 @@
-"""`cellpuzzle to-parquet`: Training puzzles to verl's RL Parquet format."""
+"""`cellpuzzle to-parquet`: training puzzles to verl's RL Parquet format."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from cellpuzzle_cli.cli.common import not_implemented
+from cellpuzzle_cli.cli.common import (
+    OutputDir,
+    Overwrite,
+    Seed,
+    console,
+    input_or_latest,
+    record,
+    start,
+)
+from cellpuzzle_cli.manifest import Artifact
 
 
-def to_parquet(ctx: typer.Context) -> None:
-    """Training puzzles to verl's RL Parquet format."""
-    not_implemented("to-parquet")
+def to_parquet(
+    ctx: typer.Context,
+    train: Annotated[Path | None, typer.Argument(
+        help="Training puzzles (train.jsonl from `split`, or CellPuzzles JSON/Parquet). Default: "
+             "the latest split's train file in the manifest.", show_default=False)] = None,
+    output: OutputDir = Path("rl-data"),
+    val_size: Annotated[float, typer.Option(
+        "--val-size", help="Validation puzzles: a fraction (<1) or a count; whole donor groups "
+                           "when there are three or more.")] = 0.1,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Training puzzles to verl's RL Parquet schema: train.parquet and val.parquet.
+
+    Prompts are the same system + user turns that sft trains on and predict asks with.
+
+    Example: cellpuzzle to-parquet splits/train.jsonl -o rl-data --val-size 0.1
+    """
+    from dataclasses import asdict
+
+    from cellpuzzle_cli.rl_data import ToParquetSettings
+    from cellpuzzle_cli.rl_data import to_parquet as run
+
+    started = start()
+    data = input_or_latest(ctx, train, "split", "training data", name="train")
+    settings = ToParquetSettings(val_size=val_size, seed=seed)
+    result = run(data, output, settings, overwrite=overwrite)
+    groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
+              else " (random puzzles held out)" if result.n_val else "")
+    console.print(f"[bold green]RL data written to {result.out}[/bold green]: "
+                  f"{result.n_train} train, {result.n_val} val puzzles{groups}")
+    record(ctx, "to-parquet", {**asdict(settings), "data": data}, started,
+           [Artifact(data, "train")],
+           [Artifact(result.train, "train"), Artifact(result.val, "val")])

@@ -1,0 +1,142 @@
+"""Merging a LoRA adapter into its base model, for serving and RL without PEFT.
+
+The base model comes from `--base`, else the adapter's own `adapter_config.json`
+(`base_model_name_or_path`, an absolute folder when `sft` made it), else the manifest's
+record of the `sft` run that wrote the adapter. The merged folder holds safetensors weights,
+the tokenizer the adapter was trained with and the base's generation config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.io import atomic_output_dir, write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+CONFIG_NAME = "merge-lora.json"
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    adapter: Path
+    base: str
+    parameters: int
+    dtype: str
+
+
+def check_adapter(adapter: Path) -> dict[str, Any]:
+    """The adapter's PEFT config, or a message naming what the folder lacks."""
+    adapter = existing_path(adapter, "adapter folder")
+    cfg_path = adapter / ADAPTER_CONFIG
+    if not adapter.is_dir() or not cfg_path.is_file():
+        have = sorted(p.name for p in adapter.iterdir())[:12] if adapter.is_dir() else [adapter.name]
+        raise UserError(f"'{adapter}' is not a LoRA adapter folder: it has no {ADAPTER_CONFIG} "
+                        f"(it holds: {', '.join(have) or 'nothing'}). Pass the -o folder of "
+                        "`cellpuzzle sft`.")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path} is not valid JSON ({exc}). Re-run `cellpuzzle sft`.") from exc
+
+
+def resolve_base(adapter: Path, base: str | Path | None = None,
+                 recorded: Path | None = None) -> str:
+    """`--base`, else the adapter's recorded base folder if it exists, else the manifest's."""
+    if base is not None:
+        return str(Path(base).resolve()) if Path(base).exists() else str(base)
+    named = check_adapter(adapter).get("base_model_name_or_path")
+    if named and Path(named).exists():
+        return str(Path(named).resolve())
+    if recorded is not None and Path(recorded).exists():
+        return str(Path(recorded).resolve())
+    if named:
+        return str(named)  # a hub id; loading it works only where it is cached
+    raise UserError(f"Cannot tell which base model the adapter '{adapter}' belongs to: its "
+                    f"{ADAPTER_CONFIG} names none and the manifest records none. Pass --base.")
+
+
+def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = False,
+                  trust_remote_code: bool = False, progress: Progress | None = None) -> MergeResult:
+    """Load base + adapter, `merge_and_unload`, save weights, tokenizer and generation config."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    adapter = Path(adapter)
+    check_adapter(adapter)
+    tick = progress or (lambda *a, **k: None)
+    tick(0, total=3, description="loading base")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto",
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load the base model '{base}' ({exc}). Pass its folder with "
+                        "--base.") from exc
+    tick(1, description="applying adapter")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
+        raise UserError(f"The adapter '{adapter}' does not fit the base model '{base}' "
+                        f"({detail[:300]}). The base must be the model the adapter was trained "
+                        "on; pass the right one with --base.") from exc
+    merged = peft_model.merge_and_unload()
+    tick(1, description="saving")
+    tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust_remote_code)
+    try:
+        generation = GenerationConfig.from_pretrained(base)
+    except (OSError, ValueError):
+        generation = merged.generation_config
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        merged.generation_config = generation
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / CONFIG_NAME, {"adapter": str(adapter.resolve()), "base": base,
+                                       "dtype": str(merged.dtype).removeprefix("torch.")})
+    tick(1)
+    params = sum(p.numel() for p in merged.parameters())
+    return MergeResult(out=Path(out), adapter=adapter, base=base, parameters=params,
+                       dtype=str(merged.dtype).removeprefix("torch."))
+
+
+def up_to_date(entries: Iterable[dict[str, Any]], relative: Callable[[Path], str],
+               inputs: dict[str, dict[str, Any]], out: Path,
+               out_now: dict[str, Any]) -> bool:
+    """Whether a recorded merge-lora run made `out` from inputs with these hashes, unchanged since.
+
+    `inputs` maps input names to their current `manifest.describe` results; `out_now` is the
+    current description of `out`.
+    """
+    target = relative(out)
+    for entry in reversed(list(entries)):
+        if entry.get("command") != "merge-lora":
+            continue
+        outs = [o for o in entry.get("outputs", []) if o.get("path") == target]
+        if not outs:
+            continue
+        recorded = {i["name"]: i.get("sha256") for i in entry.get("inputs", [])}
+        same_inputs = all(recorded.get(name) == desc.get("sha256") and desc.get("sha256")
+                          for name, desc in inputs.items())
+        return bool(same_inputs and out_now.get("sha256") == outs[0].get("sha256"))
+    return False
+
+
+def recorded_base(manifest: Any, adapter: Path) -> Path | None:
+    """The base model input of the manifest's run that wrote `adapter` (usually `sft`)."""
+    target = manifest.relative(adapter)
+    for entry in reversed(manifest.entries()):
+        if any(o.get("path") == target for o in entry.get("outputs", [])):
+            for inp in entry.get("inputs", []):
+                if inp.get("name") == "base_model":
+                    return manifest.resolve(inp["path"])
+            return None
+    return None

@@ -1,0 +1,253 @@
+"""Predict: model answers for one shard of the test set, written so a killed run resumes.
+
+`run_predict(settings)` is the service behind `cellpuzzle predict`. It writes
+`<out>/shard-{i}-of-{n}.jsonl`, one line per puzzle (see records.LINE_FIELDS), appending and
+fsyncing each batch; a re-run skips the puzzles already there. A batch that fails (out of
+memory, prompt too long) is split in halves down to single puzzles; a puzzle that still fails
+gets `prediction: null` and the error, never the error text as its answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.io import write_json
+from cellpuzzle_cli.predict.backends import make_backend, model_label, resolve_backend
+from cellpuzzle_cli.predict.base import Backend, Generation
+from cellpuzzle_cli.predict.records import (
+    ShardWriter,
+    load_test_records,
+    puzzle_size,
+    read_done,
+    rewrite_in_order,
+)
+from cellpuzzle_cli.predict.settings import PredictConfig, PredictSettings
+from cellpuzzle_cli.predict.shards import Shard, parse_shard, select_shard, shard_filename
+
+__all__ = [
+    "CONFIG_FILE",
+    "PredictConfig",
+    "PredictResult",
+    "PredictSettings",
+    "Shard",
+    "parse_shard",
+    "run_predict",
+    "shard_filename",
+]
+
+CONFIG_FILE = "predict-config.json"
+# Failures worth retrying with a smaller batch: torch.OutOfMemoryError is a RuntimeError;
+# ValueError covers prompts longer than the model allows.
+RETRYABLE = (RuntimeError, MemoryError, ValueError)
+# Settings that change the answers: a resumed shard must match them.
+_ANSWER_KEYS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "n", "seed", "dtype")
+_MAX_ERROR_CHARS = 500
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class PredictResult:
+    shard_file: Path
+    output_dir: Path
+    shard_index: int
+    num_shards: int
+    backend: str
+    model: str
+    total: int          # puzzles in this shard
+    resumed: int        # already in the file when the run started
+    generated: int      # answered in this run
+    errors: int         # lines (old and new) with prediction null
+    seconds: float      # generation time of this run
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def prompts_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+
+def _validate(config: PredictConfig) -> None:
+    if config.n < 1:
+        raise UserError(f"n={config.n}: the number of samples per puzzle must be at least 1.")
+    if config.n > 1 and config.temperature <= 0:
+        raise UserError(f"n={config.n} samples with temperature 0 would be {config.n} copies of "
+                        "the greedy answer. Set --temperature above 0 (e.g. 0.7) or use --n 1.")
+    if config.temperature < 0:
+        raise UserError("temperature must be 0 (greedy) or positive.")
+    if config.max_new_tokens < 1:
+        raise UserError("max_new_tokens must be at least 1.")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UserError("batch_size must be at least 1.")
+
+
+def _run_identity(settings: PredictSettings, backend: str) -> dict[str, Any]:
+    """What a shard file depends on; written to predict-config.json and checked on resume."""
+    cfg = settings.config
+    return {
+        "data": str(Path(settings.data).resolve()),
+        "backend": backend,
+        "model": model_label(backend, settings),
+        "train": str(Path(settings.train).resolve()) if backend == "baseline" else None,
+        "num_shards": settings.num_shards,
+        **{k: getattr(cfg, k) for k in _ANSWER_KEYS},
+    }
+
+
+def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Shard files go beside other shards only, never into an unrelated folder."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"The output '{out_dir}' is a file. Give -o a folder.")
+    visible = [p for p in out_dir.iterdir() if not p.name.startswith(".")]
+    if visible and not (out_dir / CONFIG_FILE).exists():
+        raise UserError(f"The output folder '{out_dir}' already holds files that are not "
+                        "predictions. Choose another folder with -o, or pass --overwrite to "
+                        "write the shard files there anyway.")
+
+
+def _check_config(out_dir: Path, identity: dict[str, Any], settings: PredictSettings) -> None:
+    path = out_dir / CONFIG_FILE
+    if path.exists() and not settings.overwrite:
+        try:
+            old = orjson.loads(path.read_bytes()).get("run", {})
+        except orjson.JSONDecodeError:
+            old = {}
+        changed = [k for k in identity if old.get(k) != identity[k]]
+        if changed:
+            detail = "; ".join(f"{k}: {old.get(k)!r} -> {identity[k]!r}" for k in changed)
+            raise UserError(f"{out_dir} holds predictions made with other settings ({detail}). "
+                            "Resuming would mix them. Use another -o folder, or pass --overwrite "
+                            "to predict this shard again with the new settings.")
+    cfg = {f.name: getattr(settings.config, f.name) for f in fields(settings.config)}
+    write_json(path, {"run": identity, "config": cfg, "trust_remote_code": settings.trust_remote_code})
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + " ..."
+
+
+@dataclass
+class _Outcome:
+    generation: Generation | None
+    error: str | None
+    batch_size: int
+    seconds: float
+
+
+def generate_with_retry(backend: Backend, batch: list[dict[str, Any]]) -> list[_Outcome]:
+    """Generate a batch; on failure split it in halves, down to single puzzles marked as errors."""
+    t0 = time.perf_counter()
+    try:
+        gens = backend.generate(batch)
+    except UserError:
+        raise
+    except RETRYABLE as exc:
+        error = _short(exc)
+    else:
+        seconds = time.perf_counter() - t0
+        if len(gens) != len(batch):
+            raise TypeError(f"backend {backend.name} returned {len(gens)} answers for "
+                            f"{len(batch)} prompts")
+        return [_Outcome(g, None, len(batch), seconds) for g in gens]
+    # Outside the except block, so the failed batch's tensors are no longer referenced.
+    backend.recover()
+    if len(batch) == 1:
+        return [_Outcome(None, error, 1, time.perf_counter() - t0)]
+    mid = len(batch) // 2
+    return generate_with_retry(backend, batch[:mid]) + generate_with_retry(backend, batch[mid:])
+
+
+def _line(record: dict[str, Any], outcome: _Outcome, backend: str, model: str) -> dict[str, Any]:
+    gen = outcome.generation
+    row: dict[str, Any] = {
+        "puzzle_id": record["puzzle_id"],
+        "prediction": gen.texts[0] if gen else None,
+        "answer": record.get("assistant_msg"),
+        "n": puzzle_size(record),
+        "model": model,
+        "backend": backend,
+        "error": outcome.error,
+        "batch_size": outcome.batch_size,
+        "batch_seconds": round(outcome.seconds, 4),
+        "prompt_tokens": gen.prompt_tokens if gen else None,
+        "completion_tokens": gen.completion_tokens if gen else None,
+    }
+    if gen and len(gen.texts) > 1:
+        row["samples"] = gen.texts
+    return row
+
+
+def run_predict(settings: PredictSettings, progress: Progress | None = None,
+                backend_obj: Backend | None = None) -> PredictResult:
+    """Predict one shard (settings.shard_index of settings.num_shards), resuming its file.
+
+    `backend_obj` replaces the backend built from the settings (benchmarks and tests).
+    """
+    _validate(settings.config)
+    shard = Shard(settings.shard_index, settings.num_shards)
+    parse_shard(str(shard))  # same checks as the CLI spec
+    backend = backend_obj.name if backend_obj else resolve_backend(settings.config.backend)
+    if backend == "vllm" and backend_obj is None:
+        from cellpuzzle_cli.predict.vllm_backend import import_vllm
+
+        import_vllm()  # fail before any file is touched
+    records = select_shard(load_test_records(settings.data), shard)
+    out_dir = Path(settings.output_dir)
+    _check_output_dir(out_dir, settings.overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = _run_identity(settings, backend)
+    model = identity["model"]
+    _check_config(out_dir, identity, settings)
+    shard_file = out_dir / shard.filename
+    if settings.overwrite and shard_file.exists():
+        shard_file.unlink()
+    done = read_done(shard_file, {r["puzzle_id"] for r in records})
+    if settings.retry_errors and any(row.get("prediction") is None for row in done.values()):
+        done = {pid: row for pid, row in done.items() if row.get("prediction") is not None}
+        rewrite_in_order(shard_file, done.values())
+    pending = [r for r in records if r["puzzle_id"] not in done]
+    if progress:
+        progress(advance=len(done), total=len(records))
+
+    new_rows: list[dict[str, Any]] = []
+    seconds = 0.0
+    if pending:
+        impl = backend_obj or make_backend(backend, settings)
+        batch_size = settings.config.batch_size or impl.default_batch_size
+        writer = ShardWriter(shard_file)
+        # Longest prompts first: similar lengths share a batch, and an OOM shows up at once.
+        pending.sort(key=impl.sort_key, reverse=True)
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            t0 = time.perf_counter()
+            outcomes = generate_with_retry(impl, batch)
+            seconds += time.perf_counter() - t0
+            rows = [_line(r, o, backend, model) for r, o in zip(batch, outcomes)]
+            writer.append(rows)
+            new_rows.extend(rows)
+            if progress:
+                progress(advance=len(batch))
+    all_rows = list(done.values()) + new_rows
+    rewrite_in_order(shard_file, all_rows)
+    return PredictResult(
+        shard_file=shard_file, output_dir=out_dir, shard_index=shard.index,
+        num_shards=shard.count, backend=backend, model=model, total=len(records),
+        resumed=len(done), generated=len(new_rows),
+        errors=sum(1 for r in all_rows if r.get("prediction") is None),
+        seconds=seconds,
+        prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in new_rows),
+        completion_tokens=sum(r.get("completion_tokens") or 0 for r in new_rows))

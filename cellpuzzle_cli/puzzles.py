@@ -1,0 +1,397 @@
+"""make-qa: CellPuzzles from the per-cell tables that build-context writes.
+
+A puzzle is N cells from one group — (dataset, donor) or, where build-context recorded a
+batch, (dataset, donor, batch) — each of a different cell type, with those N types as the
+candidates. Per group and per N (``min_n``..``max_n``) up to ``per_n`` puzzles are drawn:
+N types uniformly without replacement (their draw order is the cell order), then one cell
+uniformly from each type's pool.
+
+Choices worth knowing:
+
+* ``per_n`` defaults to 20 puzzles per N per group. The donor is the unit a fair split holds
+  out, so hundreds of puzzles from one donor add little that 20 do not, while a collection of
+  100 donors still yields ~26,000 puzzles (13 sizes × 20 × 100) — well above Cell-o1's set.
+  Single-donor data wants more (e.g. ``--per-n 100``).
+* No two puzzles of a group use the same *set* of cells (order ignored); groups never share
+  cells, so puzzles are distinct overall. When a group cannot offer ``per_n`` distinct sets
+  (few cells per type) it makes what it can and the shortfall is reported, never padded.
+* Each (group, N) draws from its own generator seeded by (seed, group, N), so adding a donor
+  or changing ``max_n`` leaves every other group's puzzles byte-identical.
+* Cells are indexed by (group, type) once with one pandas groupby, and top genes stay in
+  Arrow until a cell is actually used: sampling does no per-puzzle scans, so a 100k-cell
+  group costs the same per puzzle as a 100-cell one.
+* The context paragraph is the one the puzzle's cells share; if they differ (a donor sampled
+  in two tissues) the most common one among them is used and the puzzle is counted as mixed.
+* ``test_cells`` (single-donor data): a split by cell can only keep puzzles that use no cell of
+  a test puzzle, and random puzzles from a small pool nearly all touch one (a type with 8
+  cells sits in every large puzzle). So, when asked, each group's cells of every type are
+  divided up front — that fraction (at least one cell, never all) into a "test" fold — and
+  puzzles are drawn within one fold, tagged ``cell_fold``; ``per_n`` is shared between the
+  folds in the same proportion. ``split --group-by cell`` then loses no puzzle to leakage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.io import atomic_output_dir, find_files, write_json, write_jsonl
+from cellpuzzle_cli.prompts import format_answer, format_question
+
+PUZZLES_FILE = "puzzles.jsonl"
+PARAMS_FILE = "make-qa.json"
+REQUIRED_COLUMNS = ("cell_id", "dataset", "donor_id", "cell_type", "top_genes", "context")
+META_COLUMNS = ("cell_id", "dataset", "donor_id", "batch_id", "cell_type", "context")
+_UNKNOWN_DONOR = "unknown"
+_MAX_ATTEMPTS_PER_PUZZLE = 20
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class PuzzleConfig:
+    """Everything that decides which puzzles come out (written beside them)."""
+
+    min_n: int = 3
+    max_n: int = 15
+    per_n: int = 20
+    seed: int = 0
+    sort_candidates: bool = False
+    use_batch: bool = True
+    test_cells: float = 0.0
+
+    def validate(self) -> None:
+        if self.min_n < 2:
+            raise UserError(f"--min-n is {self.min_n}; a puzzle needs at least 2 cells. "
+                            "Use --min-n 2 or more (Cell-o1 style puzzles start at 3).")
+        if self.max_n < self.min_n:
+            raise UserError(f"--max-n ({self.max_n}) is smaller than --min-n ({self.min_n}). "
+                            "Raise --max-n or lower --min-n.")
+        if self.per_n < 1:
+            raise UserError(f"--per-n is {self.per_n}; it must be at least 1 puzzle per N.")
+        if not 0 <= self.test_cells < 1:
+            raise UserError(f"--test-cells is {self.test_cells}; give a fraction in [0, 1), "
+                            "e.g. 0.2 (0 turns cell folds off).")
+        if self.test_cells and self.per_n < 2:
+            raise UserError("--test-cells needs --per-n 2 or more, so both folds get puzzles.")
+
+    def fold_quota(self, fold: str | None) -> int:
+        """Puzzles per N for one fold: `per_n` shared in proportion to `test_cells`."""
+        if fold is None:
+            return self.per_n
+        test = min(self.per_n - 1, max(1, round(self.per_n * self.test_cells)))
+        return test if fold == "test" else self.per_n - test
+
+
+@dataclass
+class Cells:
+    """Cell metadata as a DataFrame plus top genes kept in Arrow, row-aligned."""
+
+    meta: Any  # pandas.DataFrame with META_COLUMNS as strings (batch_id may be None)
+    genes: Any  # pyarrow.ChunkedArray of list<string>
+    files: list[Path]
+
+    def __post_init__(self) -> None:
+        self.cell_ids = self.meta["cell_id"].to_numpy()
+        self.types = self.meta["cell_type"].to_numpy()
+
+
+@dataclass
+class Group:
+    """One donor (or donor/batch) with its cells indexed by type once."""
+
+    dataset: str
+    donor_id: str
+    batch_id: str | None
+    types: list[str]  # sorted
+    pools: list[np.ndarray]  # row indices per type, aligned with `types`
+    fold: str | None = None  # "train"/"test" with --test-cells
+
+    @property
+    def label(self) -> str:
+        return self.donor_id if self.batch_id is None else f"{self.donor_id}/{self.batch_id}"
+
+    @property
+    def name(self) -> str:
+        """Unique over groups and folds; seeds the group's generators and prefixes puzzle ids."""
+        base = f"{self.dataset}:{self.label}"
+        return base if self.fold is None else f"{base}:{self.fold}"
+
+
+def split_cell_folds(group: Group, fraction: float, seed: int) -> list[Group]:
+    """The group's cells of each type divided into a train and a test fold (see module doc).
+
+    Types with a single cell stay in train only; each fold keeps only its non-empty types.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _stable_int(group.dataset,
+                                                                          group.label, "folds")]))
+    folds = {f: Group(group.dataset, group.donor_id, group.batch_id, [], [], f)
+             for f in ("train", "test")}
+    for cell_type, pool in zip(group.types, group.pools):
+        shuffled = pool[rng.permutation(len(pool))]
+        k = min(len(pool) - 1, max(1, round(fraction * len(pool))))
+        for fold, part in (("test", np.sort(shuffled[:k])), ("train", np.sort(shuffled[k:]))):
+            if len(part):
+                folds[fold].types.append(cell_type)
+                folds[fold].pools.append(part)
+    return [folds["train"], folds["test"]]
+
+
+@dataclass
+class MakeQAResult:
+    out_dir: Path
+    puzzles_path: Path
+    n_files: int
+    n_cells: int
+    groups_used: int
+    groups_skipped: int
+    skipped_examples: list[str]
+    puzzles_per_n: dict[int, int]
+    groups_per_n: dict[int, int]
+    short_per_n: dict[int, int]
+    mixed_context: int
+    per_fold: dict[str, int] = field(default_factory=dict)  # "all" or "train"/"test"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_puzzles(self) -> int:
+        return sum(self.puzzles_per_n.values())
+
+
+# -- reading ---------------------------------------------------------------------------------
+def find_cell_files(path: Path) -> list[Path]:
+    """Parquet cell tables in a folder (recursively), or a single Parquet file."""
+    path = existing_path(path, "cells input")
+    if path.is_file() and path.suffix.lower() != ".parquet":
+        raise UserError(f"{path} is not a Parquet file. Give the folder that `cellpuzzle "
+                        "build-context` wrote (or one of its .parquet files).")
+    files = [f for f, _ in find_files([path], (".parquet",), "cells input")]
+    if not files:
+        raise UserError(f"No cell files (.parquet) found in {path}. Point make-qa at the output "
+                        "folder of `cellpuzzle build-context`, or run that step first.")
+    return files
+
+
+def _read_one(path: Path) -> tuple[Any, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise UserError(f"{path} could not be read as Parquet ({exc}). Re-run build-context "
+                        "to regenerate it, or remove it from the folder.") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)} that make-qa needs; it "
+                        f"has: {', '.join(names)}. Is it a build-context cell table?")
+    wanted = [c for c in (*META_COLUMNS, "top_genes") if c in names]
+    table = pq.read_table(path, columns=wanted)
+    genes = table.column("top_genes").cast(pa.list_(pa.string()))
+    meta = table.drop_columns(["top_genes"]).to_pandas()
+    if "batch_id" not in meta.columns:
+        meta["batch_id"] = None
+    return meta, genes
+
+
+def load_cells(files: list[Path]) -> Cells:
+    """Only the columns puzzles need; rows with no cell type are dropped."""
+    import pandas as pd
+    import pyarrow as pa
+
+    metas, chunks = [], []
+    for f in files:
+        meta, genes = _read_one(f)
+        metas.append(meta)
+        chunks.extend(genes.chunks)
+    meta = pd.concat(metas, ignore_index=True)[list(META_COLUMNS)]
+    genes = pa.chunked_array(chunks, type=pa.list_(pa.string()))
+    keep = meta["cell_type"].notna().to_numpy()
+    if not keep.all():
+        meta = meta[keep].reset_index(drop=True)
+        genes = genes.filter(pa.array(keep))
+    for col in ("cell_id", "dataset", "cell_type", "context"):
+        meta[col] = meta[col].fillna("").astype(str)
+    meta["donor_id"] = meta["donor_id"].fillna(_UNKNOWN_DONOR).astype(str)
+    batch = meta["batch_id"]
+    meta["batch_id"] = batch.where(batch.isna(), batch.astype(str))
+    return Cells(meta=meta, genes=genes, files=files)
+
+
+def index_groups(cells: Cells, use_batch: bool = True) -> list[Group]:
+    """Group rows by (dataset, donor[, batch], type) once; groups sorted by key."""
+    meta = cells.meta
+    batch = meta["batch_id"] if use_batch else None
+    has_batch = batch.notna() if batch is not None else None
+    keys = meta[["dataset", "donor_id"]].copy()
+    # "" never collides with a real batch because it cannot come with has_batch == True.
+    keys["batch"] = batch.where(has_batch, "") if batch is not None else ""
+    keys["has_batch"] = has_batch if has_batch is not None else False
+    keys["cell_type"] = meta["cell_type"]
+    indices = keys.groupby(["dataset", "donor_id", "has_batch", "batch", "cell_type"],
+                           sort=True).indices
+    groups: dict[tuple, Group] = {}
+    for (dataset, donor, flag, batch_id, cell_type), rows in indices.items():
+        key = (dataset, donor, bool(flag), batch_id)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(dataset, donor, batch_id if flag else None, [], [])
+        g.types.append(cell_type)
+        g.pools.append(np.asarray(rows, dtype=np.int64))
+    return [groups[k] for k in sorted(groups)]
+
+
+# -- sampling --------------------------------------------------------------------------------
+def _stable_int(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def count_cell_sets(pool_sizes: list[int], n: int) -> int:
+    """How many distinct puzzles of size n a group allows: e_n(pool sizes), exactly."""
+    e = [1] + [0] * n
+    for s in pool_sizes:
+        for j in range(n, 0, -1):
+            e[j] += e[j - 1] * s
+    return e[n]
+
+
+def sample_group(group: Group, n: int, quota: int,
+                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to `quota` distinct cell sets of size n: (row indices in cell order, a permutation
+    for shuffling the candidates — drawn even when they get sorted, so sorting never changes
+    which cells are picked)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _stable_int(group.name), n]))
+    sizes = np.array([len(p) for p in group.pools], dtype=np.int64)
+    target = min(quota, count_cell_sets(sizes.tolist(), n))
+    seen: set[tuple[int, ...]] = set()
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for _ in range(_MAX_ATTEMPTS_PER_PUZZLE * target + 100):
+        if len(out) >= target:
+            break
+        chosen = rng.choice(len(sizes), size=n, replace=False)
+        picks = rng.integers(0, sizes[chosen])
+        rows = np.array([group.pools[t][i] for t, i in zip(chosen, picks)], dtype=np.int64)
+        key = tuple(sorted(rows.tolist()))
+        if key not in seen:
+            seen.add(key)
+            out.append((rows, rng.permutation(n)))
+    return out
+
+
+def _context(codes: np.ndarray, contexts: np.ndarray) -> tuple[str, bool]:
+    """The shared context of the cells, or the most common one (first seen wins ties)."""
+    values, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    if len(values) == 1:
+        return str(contexts[values[0]]), False
+    best = max(range(len(values)), key=lambda i: (counts[i], -first[i]))
+    return str(contexts[values[best]]), True
+
+
+def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
+                        context_codes: np.ndarray, contexts: np.ndarray,
+                        stats: dict[str, Counter]) -> list[dict[str, Any]]:
+    """Every puzzle of one group, as output records."""
+    import pyarrow as pa
+
+    samples: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    for n in range(config.min_n, min(config.max_n, len(group.types)) + 1):
+        quota = config.fold_quota(group.fold)
+        sets = sample_group(group, n, quota, config.seed)
+        stats["groups_per_n"][n] += group.fold != "test"  # count a group once, not per fold
+        stats["short_per_n"][n] += quota - len(sets)
+        samples.extend((n, k, rows, perm) for k, (rows, perm) in enumerate(sets))
+    if not samples:
+        return []
+    used = np.unique(np.concatenate([s[2] for s in samples]))
+    genes = dict(zip(used.tolist(), cells.genes.take(pa.array(used)).to_pylist()))
+    records = []
+    for n, k, rows, perm in samples:
+        answer_types = [str(cells.types[r]) for r in rows]
+        candidates = (sorted(answer_types) if config.sort_candidates
+                      else [answer_types[i] for i in perm])
+        context, mixed = _context(context_codes[rows], contexts)
+        stats["mixed"][0] += mixed
+        stats["puzzles_per_n"][n] += 1
+        stats["folds"][group.fold or "all"] += 1
+        records.append({
+            "puzzle_id": f"{group.name}:n{n:02d}:{k:04d}",
+            "dataset": group.dataset,
+            "group": group.label,
+            "donor_id": group.donor_id,
+            "n": n,
+            "cell_ids": [str(cells.cell_ids[r]) for r in rows],
+            "question": format_question(context, [genes[r] or [] for r in rows.tolist()],
+                                        candidates),
+            "answer": format_answer(answer_types),
+            "candidates": candidates,
+            **({"cell_fold": group.fold} if group.fold else {}),
+        })
+    return records
+
+
+def make_puzzles(cells_path: Path, out_dir: Path, config: PuzzleConfig = PuzzleConfig(),
+                 overwrite: bool = False, progress: Progress | None = None) -> MakeQAResult:
+    """Read the cell tables, sample puzzles per group and write `puzzles.jsonl` atomically."""
+    import pandas as pd
+
+    config.validate()
+    files = find_cell_files(cells_path)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        cells = load_cells(files)
+        codes, contexts = pd.factorize(cells.meta["context"], sort=False)
+        contexts = np.asarray(contexts, dtype=object)
+        groups = index_groups(cells, config.use_batch)
+        stats: dict[str, Counter] = {k: Counter() for k in
+                                     ("groups_per_n", "short_per_n", "puzzles_per_n", "mixed",
+                                      "folds")}
+        if progress:
+            progress(0, total=len(groups), description="Sampling puzzles")
+        records: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for group in groups:
+            if progress:
+                progress(1)
+            if len(group.types) < config.min_n:
+                skipped.append(f"{group.name} ({len(group.types)} types)")
+                continue
+            parts = (split_cell_folds(group, config.test_cells, config.seed)
+                     if config.test_cells else [group])
+            for part in parts:
+                records.extend(build_group_puzzles(cells, part, config, codes, contexts, stats))
+        if not records:
+            raise UserError(f"No puzzles could be made: none of the {len(groups)} group(s) in "
+                            f"{cells_path} has at least --min-n {config.min_n} distinct cell "
+                            "types. Lower --min-n, or give make-qa data with more cell types "
+                            "per donor.")
+        ids = [r["puzzle_id"] for r in records]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError("puzzle ids collide; dataset or donor names contain ':'")
+        params = {**asdict(config), "cells": str(cells_path)}
+        result = MakeQAResult(
+            out_dir=out_dir, puzzles_path=out_dir / PUZZLES_FILE, n_files=len(files),
+            n_cells=len(cells.meta), groups_used=len(groups) - len(skipped),
+            groups_skipped=len(skipped), skipped_examples=skipped[:5],
+            puzzles_per_n=dict(sorted(stats["puzzles_per_n"].items())),
+            groups_per_n=dict(sorted(stats["groups_per_n"].items())),
+            short_per_n={n: c for n, c in sorted(stats["short_per_n"].items()) if c},
+            mixed_context=stats["mixed"][0], per_fold=dict(sorted(stats["folds"].items())),
+            params=params)
+        write_jsonl(tmp / PUZZLES_FILE, records)
+        write_json(tmp / PARAMS_FILE, {"params": params, "summary": _summary(result)})
+    return result
+
+
+def _summary(result: MakeQAResult) -> dict[str, Any]:
+    return {"files": result.n_files, "cells": result.n_cells, "groups_used": result.groups_used,
+            "groups_skipped": result.groups_skipped, "puzzles": result.n_puzzles,
+            "puzzles_per_n": {str(k): v for k, v in result.puzzles_per_n.items()},
+            "short_per_n": {str(k): v for k, v in result.short_per_n.items()},
+            "mixed_context": result.mixed_context, "per_fold": result.per_fold}

@@ -1,0 +1,70 @@
+"""The RL reward, for verl (`compute_score`) and TRL (`reward_funcs`).
+
+Both judge a completion with `cellpuzzle_cli.answer.judge`, the function behind `score`'s
+per-prediction metrics, so what RL optimises is what `score` reports. Value: −1 for an
+illegitimate layout, a wrong number of items or a repeated item; otherwise
+(cell accuracy + exact)/2 (variant `cello1`, the default), or `partial` / `exact` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cellpuzzle_cli.answer import REWARD_VARIANTS, answer_items, judge, reward_from_verdict
+
+DEFAULT_VARIANT = "cello1"
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in REWARD_VARIANTS:
+        raise ValueError(f"Unknown reward variant {variant!r}; use one of {', '.join(REWARD_VARIANTS)}.")
+    return variant
+
+
+def reward(completion: str | None, ground_truth: str | Sequence[str], variant: str = DEFAULT_VARIANT) -> float:
+    """Reward of one completion text against a gold answer (`"t1 | t2"` or a full answer text)."""
+    return reward_from_verdict(judge(completion, answer_items(ground_truth)), _check_variant(variant))
+
+
+def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
+                  extra_info: dict[str, Any] | None = None, **_: Any) -> float:
+    """verl's custom-reward entry point; any `data_source` is accepted (ours is `cellpuzzle`).
+
+    `extra_info["reward_variant"]` picks a variant per example.
+    """
+    variant = (extra_info or {}).get("reward_variant") or DEFAULT_VARIANT
+    if isinstance(ground_truth, dict):  # tolerate reward_model dicts passed whole
+        ground_truth = ground_truth.get("ground_truth", "")
+    return reward(solution_str, ground_truth, variant)
+
+
+def completion_text(completion: Any) -> str:
+    """Text of a TRL completion: a string, or chat turns whose last assistant turn is the answer."""
+    if completion is None or isinstance(completion, str):
+        return completion or ""
+    if isinstance(completion, dict):
+        return str(completion.get("content") or "")
+    turns = [t for t in completion if isinstance(t, dict)]
+    for turn in reversed(turns):
+        if turn.get("role", "assistant") == "assistant":
+            return str(turn.get("content") or "")
+    return str(turns[-1].get("content") or "") if turns else ""
+
+
+def make_trl_reward(variant: str = DEFAULT_VARIANT) -> Callable[..., list[float]]:
+    """A TRL `reward_funcs` function for `variant`; its `__name__` labels TRL's reward logs."""
+    _check_variant(variant)
+
+    def fn(completions: Sequence[Any], ground_truth: Sequence[Any], **kwargs: Any) -> list[float]:
+        if len(completions) != len(ground_truth):
+            raise ValueError(f"{len(completions)} completions but {len(ground_truth)} ground truths")
+        return [reward(completion_text(c), g, variant) for c, g in zip(completions, ground_truth)]
+
+    fn.__name__ = f"cellpuzzle_{variant}_reward"
+    fn.__qualname__ = fn.__name__
+    fn.__doc__ = f"CellPuzzles reward, variant {variant!r} (see cellpuzzle_cli.reward)."
+    return fn
+
+
+trl_reward = make_trl_reward(DEFAULT_VARIANT)

@@ -1,0 +1,213 @@
+"""`rl grpo|ppo`: one request, two engines (verl on Ray for clusters, TRL on one machine).
+
+Both read the same config (verl's dotted keys plus a `cellpuzzle:` section, see settings) and
+default their data, model and reward to the manifest and `cellpuzzle_cli.reward`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.rl import settings as S
+
+Lookup = Callable[[str], "Path | None"]
+PLACEHOLDER = "MISSING-{what}"
+
+
+@dataclass
+class RLRequest:
+    algorithm: str
+    config_file: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    backend: str | None = None
+    dry_run: bool = False
+    ray_address: str | None = None
+    nnodes: int | None = None
+    gpus_per_node: int | None = None
+    train: Path | None = None
+    val: Path | None = None
+    model: Path | None = None
+    output: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class RLResult:
+    algorithm: str
+    backend: str
+    dry_run: bool
+    output: Path
+    command: list[str] | None = None
+    overrides: list[str] = field(default_factory=list)
+    exit_code: int = 0
+    notes: list[str] = field(default_factory=list)
+    inputs: dict[str, Path] = field(default_factory=dict)
+    grpo_args: dict[str, Any] | None = None
+    steps: int = 0
+    rewards: list[float] = field(default_factory=list)
+
+
+def _apply_flags(req: RLRequest, st: S.RLSettings) -> None:
+    if req.backend:
+        if req.backend not in S.BACKENDS:
+            raise UserError(f"Unknown --backend '{req.backend}'. Use one of {', '.join(S.BACKENDS)}.")
+        st.ours.backend = req.backend
+    if req.ray_address:
+        st.ours.ray_address = req.ray_address
+    if req.nnodes is not None:
+        st.verl[S.NNODES_KEY] = req.nnodes
+    if req.gpus_per_node is not None:
+        st.verl[S.GPUS_KEY] = req.gpus_per_node
+
+
+def _fill_inputs(req: RLRequest, st: S.RLSettings, lookup: Lookup, notes: list[str]) -> dict[str, Path]:
+    """Data and model from flags, else the config, else the manifest (placeholders in a dry run)."""
+    used: dict[str, Path] = {}
+    wanted = [("train", S.TRAIN_KEY, req.train), ("model", S.MODEL_KEY, req.model)]
+    if st.ours.backend == "verl":
+        wanted.insert(1, ("val", S.VAL_KEY, req.val))
+    for what, key, given in wanted:
+        if given is not None:
+            st.verl[key] = str(Path(given).resolve())
+        if st.has(key):
+            continue
+        try:
+            found = lookup(what)
+        except UserError:
+            if what == "val" and S.TRAIN_KEY in st.verl:
+                st.verl[key] = st.verl[S.TRAIN_KEY]
+                notes.append(f"No validation Parquet found; {key} uses the training file.")
+                continue
+            if not req.dry_run:
+                raise
+            found = None
+        if found is None:
+            st.verl[key] = PLACEHOLDER.format(what=what)
+            notes.append(f"{key} is a placeholder: no {what} given or recorded in the manifest.")
+        else:
+            st.verl[key] = str(Path(found).resolve())
+            used[what] = Path(found)
+    if st.get("algorithm.adv_estimator", "gae") == "gae":  # verl runs a critic: same start
+        S.set_default(st, S.CRITIC_MODEL_KEY, st.get(S.MODEL_KEY))
+    return used
+
+
+def _check_files(st: S.RLSettings, keys: list[str]) -> None:
+    for key in keys:
+        values = st.get(key)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value and not str(value).startswith(("hdfs://", "s3://", "gs://")) \
+                    and not Path(str(value)).exists():
+                raise UserError(f"{key} points to '{value}', which does not exist. Fix the path "
+                                "or the manifest entry it came from.")
+
+
+def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None = None) -> RLResult:
+    """Resolve the config, then dry-run (compose + validate) or train with the chosen backend."""
+    st = S.load_settings(req.algorithm, req.config_file, req.overrides)
+    _apply_flags(req, st)
+    backend = st.ours.backend
+    if req.algorithm == "ppo" and backend == "trl":
+        raise UserError("TRL has no PPO trainer (TRL 1.x removed it), so `rl ppo` runs on verl "
+                        "only. Drop --backend trl (and cellpuzzle.backend: trl) to use verl, or "
+                        "run `cellpuzzle rl grpo --backend trl` on one machine.")
+    if backend == "verl" and st.ours.ray_address:
+        from cellpuzzle_cli.rl.verl_backend import check_ray_address
+
+        check_ray_address(st.ours.ray_address, st.ours.ray_connect_timeout_s)
+        st.verl[S.RAY_ADDRESS_KEY] = st.ours.ray_address
+    output = Path(req.output or f"rl-{req.algorithm}")
+    notes: list[str] = []
+    inputs = _fill_inputs(req, st, lookup, notes)
+    for key, value in S.REWARD_DEFAULTS.items():
+        S.set_default(st, key, value)
+    if backend == "verl":
+        S.set_default(st, S.OUTPUT_KEY, str(output.resolve()))
+        return _run_verl(req, st, output, inputs, notes)
+    return _run_trl(req, st, output, inputs, notes, progress)
+
+
+def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
+              notes: list[str]) -> RLResult:
+    from cellpuzzle_cli.io import write_json
+    from cellpuzzle_cli.rl import verl_backend
+
+    overrides = S.to_overrides(st.verl)
+    placeholder = any(str(v).startswith(PLACEHOLDER.format(what="")) for v in st.verl.values())
+    vplan = verl_backend.plan(overrides, check=True, lenient_models=placeholder and req.dry_run)
+    result = RLResult(req.algorithm, "verl", req.dry_run, output, command=vplan.command,
+                      overrides=overrides, notes=notes + vplan.notes, inputs=inputs)
+    if req.dry_run:
+        return result
+    _check_files(st, [S.TRAIN_KEY, S.VAL_KEY])
+    if not st.ours.ray_address:
+        _check_local_runtime(st)
+    if output.exists() and any(output.iterdir()):
+        if not req.overwrite and not (output / "latest_checkpointed_iteration.txt").exists():
+            raise UserError(f"The output folder '{output}' already holds files that are not a verl "
+                            "checkpoint. Choose another -o, or pass --overwrite to replace it.")
+        if req.overwrite:
+            shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "rl_config.json", {
+        "algorithm": req.algorithm, "backend": "verl", "config_file": st.source,
+        "verl_keys": st.verl, "cellpuzzle": vars(st.ours), "command": vplan.command,
+        "resolved": vplan.config})
+    result.exit_code = verl_backend.run(vplan.command)
+    return result
+
+
+def _check_local_runtime(st: S.RLSettings) -> None:
+    """With a local Ray, verl's workers import these here; missing ones fail after Ray starts."""
+    import importlib.util
+
+    needed = []
+    if st.get("trainer.use_v1", True):
+        needed.append(("transfer_queue", "TransferQueue (verl's v1 trainer)"))
+    engine = st.get("actor_rollout_ref.rollout.name", "vllm")
+    if engine in ("vllm", "sglang"):
+        needed.append((engine, f"{engine} (actor_rollout_ref.rollout.name={engine})"))
+    missing = [label for module, label in needed if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"This machine lacks {', '.join(missing)}, which a verl run needs. Install "
+                        "cellpuzzle with its `gpu` extra, the GPU stack (see "
+                        "docs/dependencies.md), pass --ray-address of a cluster that has it, or "
+                        "train on one machine with --backend trl.")
+
+
+def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
+             notes: list[str], progress: Callable[..., None] | None) -> RLResult:
+    from cellpuzzle_cli.rl import trl_backend
+
+    try:  # verl is an optional extra; when present, its schema still catches misspelt keys
+        from cellpuzzle_cli.rl import verl_backend
+
+        verl_backend.config_dir()
+        verl_backend.compose_config(S.to_overrides(st.verl))
+    except UserError as exc:
+        if "not installed" not in str(exc):
+            raise
+        notes.append("verl is not installed: config keys were not checked against its schema.")
+    tplan = trl_backend.build_plan(st, use_cpu=_no_cuda())
+    result = RLResult(req.algorithm, "trl", req.dry_run, output, overrides=S.to_overrides(st.verl),
+                      notes=notes + [tplan.ignored_note], inputs=inputs, grpo_args=tplan.grpo_args)
+    if req.dry_run:
+        return result
+    _check_files(st, [S.TRAIN_KEY, S.MODEL_KEY])
+    trained = trl_backend.run_grpo(st, output, overwrite=req.overwrite, progress=progress)
+    result.steps, result.rewards = trained.steps, trained.rewards
+    if trained.dropped_prompts:
+        result.notes.append(f"{trained.dropped_prompts} prompt(s) longer than "
+                            "data.max_prompt_length were dropped.")
+    return result
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()

@@ -1,0 +1,218 @@
+"""verl backend: compose and check verl's own Hydra config, then run `verl.trainer.main_ppo`.
+
+The dry run composes verl's `ppo_trainer` config with our overrides in this process and runs
+verl's `validate_config`, so a misspelt key or an inconsistent batch size fails on the
+laptop, not on the cluster. The real run is the same override list handed to
+`python -m verl.trainer.main_ppo` as an argument list; its log streams through and its exit
+code is ours.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cellpuzzle_cli.errors import UserError
+
+CONFIG_NAME = "ppo_trainer"
+DEFAULT_RAY_PORT = 6379
+RAY_CLIENT_PORT = 10001
+GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+RAY_CLIENT_METHOD = "/ray.rpc.RayletDriver/ClusterInfo"
+
+
+@dataclass
+class VerlPlan:
+    command: list[str]
+    overrides: list[str]
+    config: dict[str, Any]
+    validated: bool
+    notes: list[str]
+
+
+def config_dir() -> Path:
+    try:
+        import verl
+    except ImportError as exc:
+        raise UserError("verl is not installed, so the verl backend cannot run or check its "
+                        "config. Install it with `pip install 'cellpuzzle[verl]'`, or use "
+                        "--backend trl on one machine.") from exc
+    return Path(verl.__file__).resolve().parent / "trainer" / "config"
+
+
+# -- Ray address -------------------------------------------------------------------------------
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) to probe for an address; None for `auto`/`local` (Ray resolves those)."""
+    if address in ("auto", "local"):
+        return None
+    parsed = urlparse(address if "://" in address else f"ray-gcs://{address}")
+    if not parsed.hostname:
+        raise UserError(f"'{address}' is not a Ray address. Give HOST:PORT (the head node's GCS, "
+                        "port 6379 by default) or ray://HOST:10001 for Ray Client.")
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise UserError(f"'{address}' has an invalid port.") from exc
+    default = RAY_CLIENT_PORT if parsed.scheme == "ray" else DEFAULT_RAY_PORT
+    return parsed.hostname, port or default
+
+
+def check_ray_address(address: str, timeout_s: float) -> None:
+    """Fail within `timeout_s` unless a Ray head answers at `address`.
+
+    A TCP accept proves little (proxies and other services accept too), so we make one real,
+    read-only Ray RPC: GCS `GetClusterId`, or Ray Client's `ClusterInfo` for ray://.
+    """
+    endpoint = ray_endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise UserError(f"No Ray cluster answers at {host}:{port} ({exc or type(exc).__name__}; "
+                        f"waited at most {timeout_s:g}s). Start the head with `ray start --head`, "
+                        "check the address and firewall, or leave out --ray-address to start a "
+                        "local Ray.") from exc
+    try:
+        import grpc
+
+        _RAY_ANSWERED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                         grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+    except ImportError:
+        return  # ray[default] brings grpcio; without it the TCP check above is all we can do
+    method = RAY_CLIENT_METHOD if address.startswith("ray://") else GCS_METHOD
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            channel.unary_unary(method)(b"", timeout=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() in _RAY_ANSWERED:
+                return  # Ray itself refused the request (e.g. an auth token): a live head
+            raise UserError(f"Something listens at {host}:{port}, but it is not a Ray head: the "
+                            f"Ray call {method} failed ({exc.code().name}: {exc.details()}; "
+                            f"waited at most {timeout_s:g}s). The GCS port is 6379 unless `ray "
+                            "start --port` changed it; Ray Client uses ray://HOST:10001.") from exc
+
+
+# -- composing and validating -----------------------------------------------------------------
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> Iterator[str]:
+    from omegaconf import DictConfig
+
+    for key in cfg:
+        node = cfg._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(node, DictConfig):
+            yield name
+            yield from _leaf_keys(node, name + ".")
+        else:
+            yield name
+
+
+def _compose(overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        return compose(CONFIG_NAME, overrides=overrides)
+
+
+def _key_error(message: str, overrides: list[str]) -> UserError:
+    match = re.search(r"override '([^']+)'", message) or re.search(r"[Kk]ey '([^']+)'", message)
+    key = match.group(1) if match else None
+    hint = ""
+    if key:
+        base = list(_leaf_keys(_compose([])))
+        close = difflib.get_close_matches(key.lstrip("+~"), base, n=3, cutoff=0.75)
+        if close:
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?"
+    first_line = message.strip().splitlines()[0]
+    named = f"'{key}'" if key else "an override"
+    return UserError(f"verl's config (verl/trainer/config/{CONFIG_NAME}.yaml) rejects {named}: "
+                     f"{first_line}.{hint} Keys are verl's own dotted names; prefix a key with "
+                     "'+' only to add one verl does not define.")
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """verl's ppo_trainer config with our overrides; unknown keys become a UserError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _compose(overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _key_error(str(exc), overrides) from exc
+
+
+def validate(cfg: Any, lenient_models: bool = False) -> list[str]:
+    """verl's own checks that need no GPU (batch divisibility, micro-batch settings, dataclasses)."""
+    import warnings
+
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    notes = []
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                validate_config(cfg, use_reference_policy=need_reference_policy(cfg),
+                                use_critic=need_critic(cfg))
+        notes += [str(w.message) for w in caught if "critic" in str(w.message).lower()]
+    except (AssertionError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"verl's config validation rejects these settings: {exc}. Fix the "
+                        "key named there in your config or overrides.") from exc
+    except Exception as exc:
+        from hydra.errors import InstantiationException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(exc, InstantiationException):
+            # verl builds its config dataclasses here; model configs read the model folder
+            where = re.search(r"full_key: (\S+)", str(exc))
+            section = where.group(1) if where else "the config"
+            if lenient_models and section.endswith("model"):
+                return [*notes, (f"verl's {section} checks were skipped: the model path is a "
+                                 "placeholder.")]
+            cause = str(exc.__cause__ or exc).strip().rstrip(".")
+            raise UserError(f"verl rejects the settings under {section}: {cause}. Fix that "
+                            "key in your config or overrides (for *.model sections, check the "
+                            "model path).") from exc
+        if isinstance(exc, OmegaConfBaseException):
+            raise UserError(f"verl's config does not resolve: {exc}".strip()) from exc
+        raise
+    return notes
+
+
+def plan(overrides: list[str], check: bool = True, lenient_models: bool = False) -> VerlPlan:
+    """The command to run, after composing (and, with `check`, validating) verl's config."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(overrides)
+    notes = validate(cfg, lenient_models) if check else []
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
+    return VerlPlan(command=command, overrides=overrides,
+                    config=OmegaConf.to_container(cfg, resolve=False), validated=check, notes=notes)
+
+
+def run(command: list[str], cwd: Path | None = None) -> int:
+    """Run verl with its log on our stdout/stderr; returns its exit code."""
+    try:
+        return subprocess.run(command, cwd=cwd, check=False).returncode
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,93 @@
+"""Training puzzles in verl's RL Parquet schema, with a real validation split.
+
+One row per puzzle: `data_source` ("cellpuzzle", which selects our reward), `prompt` (chat
+messages from `prompts.record_messages`: a system turn and a user turn — the same turns sft
+trains on and predict asks with; Cell-o1 used a user-only RL prompt and a different evaluation
+prompt, we use one everywhere), `ability`, `reward_model {style: "rule", ground_truth}` with the
+plain gold answer `t1 | t2 | …`, and `extra_info {split, index, puzzle_id, n, group}`.
+
+The validation puzzles are held out seeded and group-aware (whole donors where there are
+several), instead of reusing the first training rows as Cell-o1's script did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cellpuzzle_cli.answer import answer_items
+from cellpuzzle_cli.io import atomic_output_dir, write_json
+from cellpuzzle_cli.prompts import format_answer, record_messages
+
+DATA_SOURCE = "cellpuzzle"
+ABILITY = "cell_type_annotation"
+CONFIG_NAME = "to-parquet.json"
+
+
+@dataclass
+class ToParquetSettings:
+    val_size: float = 0.1  # below 1: a fraction of the puzzles; else a count; 0: empty val
+    seed: int = 0
+    ability: str = ABILITY
+
+
+@dataclass
+class ToParquetResult:
+    out: Path
+    train: Path
+    val: Path
+    n_train: int
+    n_val: int
+    val_groups: list[str]  # groups held out whole; empty when val holds random puzzles
+
+
+def rl_rows(records: Sequence[dict[str, Any]], split: str = "train", start_index: int = 0,
+            ability: str = ABILITY) -> list[dict[str, Any]]:
+    """verl-schema rows for split records (`system_msg`, `user_msg`, `assistant_msg`, …)."""
+    rows = []
+    for i, rec in enumerate(records, start_index):
+        items = answer_items(rec.get("assistant_msg"))
+        group = rec.get("group")
+        rows.append({
+            "data_source": DATA_SOURCE,
+            "prompt": record_messages(rec),
+            "ability": ability,
+            "reward_model": {"style": "rule", "ground_truth": format_answer(items)},
+            "extra_info": {"split": split, "index": i,
+                           "puzzle_id": str(rec.get("puzzle_id") or f"{split}-{i}"),
+                           "n": int(rec.get("n") or len(items)),
+                           "group": None if group is None else str(group)},
+        })
+    return rows
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]], like: Any = None) -> Any:
+    """Write rows as Parquet; an empty file takes the schema of `like` (a pyarrow table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows) if rows or like is None else like.schema.empty_table()
+    pq.write_table(table, path)
+    return table
+
+
+def to_parquet(data: Path, out: Path, settings: ToParquetSettings, overwrite: bool = False
+               ) -> ToParquetResult:
+    """Write `train.parquet` and `val.parquet` (and the resolved settings) to `out`."""
+    from cellpuzzle_cli.sft import holdout, read_training_records
+
+    records = read_training_records(data)
+    train, val = holdout(records, settings.val_size, settings.seed)
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        table = write_parquet(tmp / "train.parquet", rl_rows(train, "train", 0, settings.ability))
+        write_parquet(tmp / "val.parquet", rl_rows(val, "val", 0, settings.ability), like=table)
+        write_json(tmp / CONFIG_NAME, {**asdict(settings), "data": str(Path(data).resolve()),
+                                       "n_train": len(train), "n_val": len(val)})
+    val_groups = {str(r.get("group")) for r in val if r.get("group") is not None}
+    train_groups = {str(r.get("group")) for r in train if r.get("group") is not None}
+    whole = sorted(val_groups) if val_groups and not val_groups & train_groups else []
+    return ToParquetResult(out=out, train=out / "train.parquet", val=out / "val.parquet",
+                           n_train=len(train), n_val=len(val), val_groups=whole)

@@ -1,0 +1,401 @@
+"""Supervised fine-tuning: TRL's SFTTrainer with a PEFT LoRA (or DoRA) adapter.
+
+Prompts: every example is built with `prompts.record_messages` — a `system` turn (the record's
+`system_msg`, or the shipped system prompt) and a `user` turn with the puzzle — the same turns
+`to-parquet` gives the RL trainer and `predict` gives the model, so a model is always asked the
+way it was taught. The assistant turn is the target (`rationale.py` adds a `<think>` block when
+the data has none).
+
+Loss on the assistant turn only, for any chat template: examples use TRL's conversational
+prompt/completion format (prompt = system + user turns, completion = the assistant turn). TRL
+renders the prompt with the generation prompt, renders prompt + completion, and masks the
+prompt's tokens; this needs no `{% generation %}` markers in the template, so any Hugging Face
+chat model works, not only the ones this project makes.
+
+Checkpoints go to a stable hidden folder beside the output (`.NAME.checkpoints`), so an
+interrupted run can continue with `--resume`; the adapter folder itself only appears, complete,
+when training has finished.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.io import atomic_output_dir, read_records, write_json
+from cellpuzzle_cli.prompts import record_messages
+
+CONFIG_NAME = "sft-config.json"
+LOG_NAME = "train-log.json"
+REQUIRED_FIELDS = ("user_msg", "assistant_msg")
+RATIONALE_MODES = ("template", "none")
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class SftSettings:
+    """Every key `configs/sft.yaml` and `key=value` overrides may set (Cell-o1's recipe by default)."""
+
+    # adapter
+    lora_r: int = 256
+    lora_alpha: int | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None  # trained in full, e.g. [embed_tokens] for a tiny model
+    # optimisation
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    warmup_steps: float = 0.03  # below 1: a fraction of the training steps
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 4096
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: bf16 exactly where CUDA supports it
+    # data
+    eval_size: float = 0.05  # below 1: a fraction of the puzzles; else a count; 0: no eval
+    rationale: str = "template"  # template | none (see rationale.py)
+    rationale_genes: int = 3
+    seed: int = 0
+    # logging and checkpoints
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    keep_checkpoints: bool = False
+
+
+@dataclass
+class SftResult:
+    out: Path
+    base_model: str
+    data: Path
+    n_train: int
+    n_eval: int
+    steps: int
+    train_loss: float
+    first_loss: float | None
+    last_loss: float | None
+    eval_loss: float | None
+    runtime_s: float
+    device: str
+    bf16: bool
+    trainable_params: int
+    resumed_from: str | None = None
+    rationale_counts: dict[str, int] = field(default_factory=dict)
+
+
+# -- data -----------------------------------------------------------------------------------
+def read_training_records(path: Path, required: Sequence[str] = REQUIRED_FIELDS) -> list[dict[str, Any]]:
+    """Split records (JSONL, CellPuzzles-style JSON array or Parquet) with the chat fields checked."""
+    records = read_records(path)
+    if not records:
+        raise UserError(f"{path} holds no records. Point --data at a non-empty train split "
+                        "(e.g. the train.jsonl written by `cellpuzzle split`).")
+    present = set().union(*(r.keys() for r in records if isinstance(r, dict)))
+    missing = [f for f in required if any(not isinstance(r, dict) or r.get(f) in (None, "")
+                                          for r in records)]
+    if missing:
+        raise UserError(f"{path} lacks the field(s) {', '.join(missing)} in some or all records; it "
+                        f"has {', '.join(sorted(present)) or 'no fields'}. Training data needs "
+                        "user_msg and assistant_msg (system_msg optional): use the train.jsonl "
+                        "from `cellpuzzle split` or a CellPuzzles file.")
+    return records
+
+
+def holdout(records: Sequence[dict[str, Any]], size: float, seed: int,
+            group_key: str = "group") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seeded (train, held-out) split; whole groups go to the held-out side when there are several.
+
+    `size` below 1 is a fraction of the records, otherwise a count. With three or more groups
+    (donors), whole groups are held out until the count is reached, so a held-out score cannot
+    reward memorised donors; with fewer, or records without a group, random puzzles are.
+    """
+    if size < 0:
+        raise UserError(f"The held-out size must be 0 or more, got {size}.")
+    n = len(records)
+    target = round(size * n) if size < 1 else int(size)
+    if size > 0:
+        target = max(target, 1)
+    if target == 0:
+        return list(records), []
+    if target >= n:
+        raise UserError(f"A held-out size of {size} leaves no training puzzles out of {n}. Use a "
+                        "smaller fraction (e.g. 0.1) or count.")
+    rng = random.Random(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(rec.get(group_key), []).append(i)
+    held: set[int] = set()
+    if len(groups) >= 3 and None not in groups:
+        order = sorted(groups, key=str)
+        rng.shuffle(order)
+        for g in order[:-1]:  # at least one group always stays in training
+            if len(held) >= target:
+                break
+            held.update(groups[g])
+    else:
+        held = set(rng.sample(range(n), target))
+    train = [r for i, r in enumerate(records) if i not in held]
+    val = [r for i, r in enumerate(records) if i in held]
+    return train, val
+
+
+def sft_examples(records: Sequence[dict[str, Any]], targets: Sequence[str]) -> list[dict[str, Any]]:
+    """TRL conversational prompt/completion examples (see the module docstring for why)."""
+    return [{"prompt": record_messages(rec),
+             "completion": [{"role": "assistant", "content": target}]}
+            for rec, target in zip(records, targets)]
+
+
+def prepare_examples(records: Sequence[dict[str, Any]], settings: SftSettings
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Train and eval examples with rationale targets fitted on the training part only."""
+    from cellpuzzle_cli.rationale import build_targets
+
+    if settings.rationale not in RATIONALE_MODES:
+        raise UserError(f"rationale must be one of {', '.join(RATIONALE_MODES)}, got "
+                        f"'{settings.rationale}'.")
+    train, val = holdout(records, settings.eval_size, settings.seed)
+    train_targets, counts = build_targets(train, settings.rationale, fit_on=train,
+                                          k=settings.rationale_genes)
+    val_targets, _ = build_targets(val, settings.rationale, fit_on=train, k=settings.rationale_genes)
+    return sft_examples(train, train_targets), sft_examples(val, val_targets), counts
+
+
+# -- model ----------------------------------------------------------------------------------
+def use_bf16(setting: bool | None) -> bool:
+    import torch
+
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting and not supported:
+        raise UserError("bf16=true needs a CUDA GPU with bf16 support, and none is available. "
+                        "Leave bf16 unset (auto) or set bf16=false.")
+    return supported if setting is None else setting
+
+
+def model_source(model: str | Path) -> str:
+    """A local folder as an absolute path (so the adapter remembers it), else a hub id as given."""
+    p = Path(model)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{p} is not a Hugging Face model folder (no config.json). Pass a model "
+                            "folder, e.g. one made by `cellpuzzle init-model --tiny`.")
+        return str(p.resolve())
+    return str(model)
+
+
+def load_tokenizer(source: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load a tokenizer from '{source}' ({exc}). Give a local model "
+                        "folder (nothing is downloaded offline), and --trust-remote-code only if "
+                        "you trust its code.") from exc
+    if not tok.chat_template:
+        raise UserError(f"The tokenizer of '{source}' has no chat template, and sft trains with the "
+                        "model's own template. Use a chat/instruct model or add a chat_template to "
+                        "its tokenizer_config.json.")
+    return tok
+
+
+def make_trainer(source: str, train_examples: list[dict], eval_examples: list[dict],
+                 settings: SftSettings, work_dir: Path, trust_remote_code: bool = False,
+                 callbacks: Sequence[Any] = ()):
+    """An SFTTrainer with a fresh LoRA adapter; separate from training so tests can inspect it."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    bf16 = use_bf16(settings.bf16)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.bfloat16 if bf16 else torch.float32,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load a causal language model from '{source}' ({exc}).") from exc
+    # copies: PEFT extends these lists in place, which would leak into the saved config
+    targets = settings.target_modules
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha or 2 * settings.lora_r,
+                      lora_dropout=settings.lora_dropout,
+                      target_modules=list(targets) if isinstance(targets, list) else targets,
+                      use_dora=settings.use_dora,
+                      modules_to_save=list(settings.modules_to_save or []) or None,
+                      ensure_weight_tying=bool(settings.modules_to_save), task_type="CAUSAL_LM")
+    has_eval = bool(eval_examples)
+    args = SFTConfig(
+        output_dir=str(work_dir), seed=settings.seed, data_seed=settings.seed,
+        learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_steps, lr_scheduler_type=settings.lr_scheduler_type,
+        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
+        max_length=settings.max_length, gradient_checkpointing=settings.gradient_checkpointing,
+        bf16=bf16, fp16=False, completion_only_loss=True, assistant_only_loss=False,
+        logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit, eval_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_examples),
+                             eval_dataset=Dataset.from_list(eval_examples) if has_eval else None,
+                             processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+    except ValueError as exc:
+        if "Target modules" in str(exc) or "target_modules" in str(exc):
+            raise UserError(f"LoRA target_modules={settings.target_modules!r} match no layer of "
+                            f"'{source}' ({exc}). Use target_modules=all-linear or that model's "
+                            "layer names.") from exc
+        raise
+    trainer.remove_callback(PrinterCallback)  # services never print; losses go to the log
+    return trainer
+
+
+def progress_callback(update: Progress):
+    """A TrainerCallback that advances a progress bar per optimiser step and shows the loss."""
+    from transformers import TrainerCallback
+
+    class _Bar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            update(state.global_step, total=state.max_steps, description="sft")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                update(0, description=f"sft loss {logs['loss']:.3f}")
+
+    return _Bar()
+
+
+# -- checkpoints and outputs ----------------------------------------------------------------
+def checkpoint_dir(out: Path) -> Path:
+    """The stable work folder beside `out` that survives an interrupted run."""
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoints"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir()
+             and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def _prepare_work_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output and work folders before any training; returns the checkpoint to resume."""
+    work = checkpoint_dir(out)
+    out_busy = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if resume:
+        ckpt = latest_checkpoint(work)
+        if ckpt is None and (kept := latest_checkpoint(out / "checkpoints")) is not None:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(out / "checkpoints", work)
+            ckpt = work / kept.name
+        if ckpt is None:
+            raise UserError(f"--resume found no checkpoint in {work} or {out / 'checkpoints'}. "
+                            "Run without --resume to start a new training run.")
+        return ckpt
+    if out_busy and not overwrite:
+        raise UserError(f"The output folder '{out}' already holds results. Choose another folder "
+                        "with -o, pass --overwrite to replace it, or --resume to continue its run.")
+    if latest_checkpoint(work) is not None and not overwrite:
+        raise UserError(f"An interrupted run left checkpoints in {work}. Pass --resume to continue "
+                        "it, or --overwrite to start over.")
+    shutil.rmtree(work, ignore_errors=True)
+    return None
+
+
+def _losses(log_history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    return (losses[0], losses[-1]) if losses else (None, None)
+
+
+def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
+            resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
+            progress: Progress | None = None) -> SftResult:
+    """Train a LoRA adapter on `data` and write adapter, tokenizer and resolved config to `out`."""
+    out = Path(out)
+    records = read_training_records(data)
+    source = model_source(model)
+    train_ex, eval_ex, counts = prepare_examples(records, settings)
+    ckpt = _prepare_work_dir(out, resume, overwrite)
+    work = checkpoint_dir(out)
+    callbacks = [progress_callback(progress)] if progress else []
+    trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks)
+    t0 = time.perf_counter()
+    train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    runtime = time.perf_counter() - t0
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
+    first, last = _losses(trainer.state.log_history)
+    bf16 = bool(trainer.args.bf16)
+    resolved = {**asdict(settings), "lora_alpha": settings.lora_alpha or 2 * settings.lora_r,
+                "bf16": bf16, "base_model": source, "data": str(Path(data).resolve()),
+                "n_train": len(train_ex), "n_eval": len(eval_ex)}
+    with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
+        trainer.model.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        write_json(tmp / CONFIG_NAME, resolved)
+        write_json(tmp / LOG_NAME, trainer.state.log_history)
+        if settings.keep_checkpoints and work.exists():
+            shutil.move(str(work), tmp / "checkpoints")
+    shutil.rmtree(work, ignore_errors=True)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return SftResult(out=out, base_model=source, data=Path(data), n_train=len(train_ex),
+                     n_eval=len(eval_ex), steps=trainer.state.global_step,
+                     train_loss=float(train_out.training_loss), first_loss=first, last_loss=last,
+                     eval_loss=eval_loss, runtime_s=runtime, device=str(trainer.args.device),
+                     bf16=bf16, trainable_params=trainable,
+                     resumed_from=str(ckpt) if ckpt else None, rationale_counts=counts)
+
+
+# -- a base model for offline use ----------------------------------------------------------
+@dataclass
+class InitModelResult:
+    out: Path
+    parameters: int
+    vocab_size: int
+    n_texts: int
+
+
+def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = False,
+                    progress: Progress | None = None) -> InitModelResult:
+    """A from-scratch tiny Qwen2 whose tokenizer is trained on the split's chat texts.
+
+    The texts are the system, user and assistant messages of `data`; tiny_model adds the answer
+    tags and the chat template. The result is an ordinary model folder for `sft --model`.
+    """
+    import json
+
+    from cellpuzzle_cli.tiny_model import TinyModelConfig, build_tiny_model
+
+    records = read_training_records(data)
+    texts = [str(r[k]) for r in records for k in ("system_msg", "user_msg", "assistant_msg")
+             if r.get(k)]
+    if progress:
+        progress(0, total=1, description="init-model")
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        params = build_tiny_model(tmp, texts, TinyModelConfig(seed=seed))
+        write_json(tmp / "init-model.json", {"kind": "tiny", "data": str(Path(data).resolve()),
+                                             "seed": seed, **asdict(TinyModelConfig(seed=seed))})
+        vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
+    if progress:
+        progress(1)
+    return InitModelResult(out=Path(out), parameters=params, vocab_size=vocab, n_texts=len(texts))

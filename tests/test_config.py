@@ -1,0 +1,49 @@
+"""Config files plus key=value overrides: typed, and strict about unknown keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from cellpuzzle_cli.config import build_config, parse_overrides
+from cellpuzzle_cli.errors import UserError
+
+
+@dataclass
+class Example:
+    learning_rate: float = 1e-4
+    max_steps: int = -1
+    bf16: bool = False
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj"])
+    resume: str | None = None
+
+
+def test_overrides_are_typed_like_yaml():
+    assert parse_overrides(["learning_rate=5e-3", "bf16=true", "target_modules=[a, b]"]) == {
+        "learning_rate": 5e-3, "bf16": True, "target_modules": ["a", "b"]}
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learning_rate: 0.01\nmax_steps: 5\n")
+    cfg = build_config(Example, f, {"max_steps": 7})
+    assert (cfg.learning_rate, cfg.max_steps, cfg.resume) == (0.01, 7, None)
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(UserError) as exc:
+        build_config(Example, None, {"learning_rat": 1})
+    assert "learning_rat" in str(exc.value) and "Did you mean 'learning_rate'" in str(exc.value)
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(UserError, match="max_steps"):
+        build_config(Example, None, {"max_steps": "ten"})
+
+
+def test_yaml_must_be_safe(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("learning_rate: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        build_config(Example, f)

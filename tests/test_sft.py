@@ -1,0 +1,201 @@
+"""sft: assistant-only loss for any chat template, loss goes down, resume, clear errors."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from train_fixtures import (
+    assert_refused,
+    foreign_model_dir,
+    make_records,
+    one_torch_thread,
+    tiny_model_dir,
+    write_records,
+)
+
+FAST = ["lora_r=8", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
+        "logging_steps=1", "eval_size=0.1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_records(40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, records):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", records)
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory, records):
+    return foreign_model_dir(tmp_path_factory.mktemp("foreign") / "model", records)
+
+
+@pytest.fixture
+def train_file(tmp_path, records):
+    return write_records(tmp_path / "train.jsonl", records)
+
+
+def completion_loss(model, tok, examples) -> float:
+    """Mean loss over the assistant turns of `examples`, computed independently of TRL."""
+    import torch
+
+    losses = []
+    for ex in examples:
+        prompt = tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+        full = tok.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True,
+                                       return_dict=False)
+        ids = torch.tensor([full])
+        labels = ids.clone()
+        labels[0, :len(prompt)] = -100
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=labels).loss.item())
+    return sum(losses) / len(losses)
+
+
+# -- config ---------------------------------------------------------------------------------
+def test_shipped_config_is_cello1_recipe():
+    from cellpuzzle_cli.config import build_config
+    from cellpuzzle_cli.sft import SftSettings
+
+    s = build_config(SftSettings, default_file="sft.yaml")
+    assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules) == (256, None, 0.05, "all-linear")
+    assert (s.learning_rate, s.max_length, s.rationale) == (5e-5, 4096, "template")
+
+
+def test_unknown_config_key_suggests_the_right_one(cli, train_file, tiny, tmp_path):
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "a", "learning_rat=1")
+    assert_refused(result, "learning_rat", "did you mean 'learning_rate'", "valid keys")
+    assert not (tmp_path / "a").exists()
+
+
+def test_data_with_wrong_fields_is_refused(cli, tiny, tmp_path):
+    bad = write_records(tmp_path / "bad.jsonl", [{"question": "Cell 1: CD3E", "answer": "T cell"}])
+    result = cli("sft", "--model", tiny, "--data", bad, "-o", tmp_path / "a")
+    assert_refused(result, "lacks the field(s) user_msg, assistant_msg", "it has answer, question")
+
+
+def test_no_model_and_empty_manifest_names_the_option(cli, train_file, tmp_path):
+    result = cli("sft", "--data", train_file, "-o", tmp_path / "a")
+    assert_refused(result, "--model", "init-model")
+
+
+# -- targets --------------------------------------------------------------------------------
+def test_template_rationale_uses_train_markers_and_keeps_given_traces(records):
+    from cellpuzzle_cli.answer import parse_answer
+    from cellpuzzle_cli.rationale import build_targets
+
+    train = records[:30]
+    targets, counts = build_targets(train, "template", fit_on=train)
+    assert counts == {"template": 30}
+    first = parse_answer(targets[0])
+    assert first.legitimate and " | ".join(first.items) == train[0]["assistant_msg"]
+    # planted markers: a monocyte cell is explained by monocyte markers
+    lines = [ln for t in targets for ln in t.splitlines() if ln.endswith("-> monocyte")]
+    assert lines and all({"LYZ", "CD14", "S100A9"} & set(ln.split(": ")[1].split(" ->")[0].split(", "))
+                         for ln in lines)
+    traced = dict(train[0], assistant_msg="<think>\nmy trace\n</think>\n<answer>a | b</answer>")
+    kept, counts = build_targets([traced], "template", fit_on=train)
+    assert kept == [traced["assistant_msg"]] and counts == {"kept": 1}
+    empty, _ = build_targets(train[:1], "none")
+    assert empty[0].startswith("<think>\n") and parse_answer(empty[0]).legitimate
+
+
+# -- labels ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["tiny", "foreign"])
+def test_labels_cover_only_the_assistant_turn(which, request, records, tmp_path):
+    """TRL's batches: every prompt token is -100; the labels spell exactly the target + end."""
+    from cellpuzzle_cli.sft import SftSettings, make_trainer, prepare_examples
+
+    model = request.getfixturevalue(which)
+    settings = SftSettings(lora_r=4, eval_size=0)
+    train, _, _ = prepare_examples(records[:4], settings)
+    trainer = make_trainer(str(model), train, [], settings, tmp_path / "work")
+    tok = trainer.processing_class
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    for row in range(4):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        target = train[row]["completion"][0]["content"]
+        kept = (labels != -100).nonzero().flatten()
+        assert (labels[kept] == ids[kept]).all()
+        assert kept.max() - kept.min() + 1 == len(kept), "labelled tokens must be one span"
+        assert tok.decode(ids[kept]).rstrip("\n") == target + tok.eos_token
+        prompt_ids = tok.apply_chat_template(train[row]["prompt"], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+        assert int(kept.min()) == len(prompt_ids)
+
+
+# -- training -------------------------------------------------------------------------------
+def test_sft_lowers_training_loss_and_records_the_run(cli, train_file, tiny, records, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cellpuzzle_cli.sft import SftSettings, prepare_examples
+
+    out = tmp_path / "adapter"
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST,
+                 "max_steps=20", "learning_rate=1e-2", "lora_r=16", "warmup_steps=0")
+    assert result.code == 0, result.output
+    assert "train loss" in result.output
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
+                 "sft-config.json", "train-log.json"):
+        assert (out / name).is_file(), name
+    resolved = orjson.loads((out / "sft-config.json").read_bytes())
+    assert resolved["max_steps"] == 20 and resolved["lora_alpha"] == 32
+    assert resolved["base_model"] == str(tiny.resolve())
+    assert not (tmp_path / ".adapter.checkpoints").exists()
+    entry = orjson.loads(cli.manifest.read_bytes())["entries"][-1]
+    assert entry["command"] == "sft"
+    assert {i["name"] for i in entry["inputs"]} == {"base_model", "train"}
+    assert [o["name"] for o in entry["outputs"]] == ["adapter"]
+
+    settings = SftSettings(**{k: v for k, v in resolved.items() if k in SftSettings.__dataclass_fields__})
+    train_ex, _, _ = prepare_examples(records, settings)
+    tok = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    before = completion_loss(base, tok, train_ex[:8])
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
+    after = completion_loss(tuned, tok, train_ex[:8])
+    assert after < before - 0.3, (before, after)
+
+    again = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST, "max_steps=1")
+    assert_refused(again, "already holds results", "--overwrite", "--resume")
+
+
+def test_foreign_model_trains(cli, train_file, foreign, tmp_path):
+    out = tmp_path / "adapter"
+    result = cli("sft", "--model", foreign, "--data", train_file, "-o", out, *FAST, "max_steps=2",
+                 "use_dora=true")
+    assert result.code == 0, result.output
+    assert (out / "adapter_model.safetensors").is_file()
+    assert orjson.loads((out / "adapter_config.json").read_bytes())["use_dora"] is True
+
+
+def test_resume_continues_from_kept_checkpoint(cli, train_file, tiny, tmp_path):
+    out = tmp_path / "adapter"
+    first = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST, "max_steps=2",
+                "save_steps=2", "keep_checkpoints=true")
+    assert first.code == 0, first.output
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    second = cli("sft", "--model", tiny, "--data", train_file, "-o", out, "--resume", *FAST,
+                 "max_steps=4", "save_steps=2")
+    assert second.code == 0, second.output
+    assert "resumed from" in second.output
+    log = orjson.loads((out / "train-log.json").read_bytes())
+    assert max(e["step"] for e in log) == 4
+    assert not (out / "checkpoints").exists()
+
+
+def test_interrupted_run_asks_for_resume(cli, train_file, tiny, tmp_path):
+    (tmp_path / ".adapter.checkpoints" / "checkpoint-3").mkdir(parents=True)
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "adapter")
+    assert_refused(result, "interrupted run", "--resume", "--overwrite")
+    nothing = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "other", "--resume")
+    assert_refused(nothing, "no checkpoint")
