@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +77,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-predict-"))
+    try:
+        _run(args, work, torch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path, torch) -> None:
     records = puzzles(args.prompts, args.genes_per_cell)
     data = work / "test.jsonl"
     write_jsonl(data, records)

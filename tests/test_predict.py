@@ -21,7 +21,6 @@ from cellpuzzle_cli.manifest import Artifact, Manifest
 from cellpuzzle_cli.predict import PredictConfig, PredictSettings, run_predict
 from cellpuzzle_cli.predict.shards import Shard, select_shard
 
-ROOT = Path(__file__).resolve().parent.parent
 LONG = ("puzzle-004", "puzzle-009")
 GEN = ["--backend", "hf", "--max-new-tokens", "6"]
 

@@ -20,7 +20,6 @@ from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Generation, check_prompt_fits, prompt_token_ids
 from cellpuzzle_cli.predict.settings import PredictConfig
 
-
 GQA_ATTENTION = "cellpuzzle_sdpa_gqa"
 
 
