@@ -3,7 +3,7 @@
 Both runs use the same model, the same puzzle prompts and the same number of generated
 tokens per prompt (min_new_tokens = max_new_tokens), through the real `run_predict` path
 (prompt building, length sorting, left padding, shard file writes). Prints a JSON summary and
-a Markdown table row set for docs/benchmarks-predict.md.
+a Markdown table row set for docs/benchmarks.md.
 
     python bench/bench_predict.py --prompts 32 --max-new-tokens 64
 """

@@ -18,7 +18,7 @@ import yaml
 from cellpuzzle_cli.errors import UserError, existing_path
 
 T = TypeVar("T")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs"  # a link to the repository's configs/
 
 
 def parse_value(text: str) -> Any:

@@ -125,10 +125,9 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     Refuses a non-empty existing `path` unless `overwrite`; on failure nothing is left behind.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise UserError(f"The output folder '{path}' already holds results. Choose another "
-                            "folder with -o, or pass --overwrite to replace it.")
+    if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"The output folder '{path}' already holds results. Choose another "
+                        "folder with -o, or pass --overwrite to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import assert_user_error, run_cli
+from conftest import run_cli
 
 COMMANDS = ["build-context", "make-qa", "split", "sft", "merge-lora", "to-parquet", "rl",
             "convert-ckpt", "predict", "score"]
@@ -27,7 +27,8 @@ def test_help_imports_no_heavy_library():
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch','transformers','scanpy','anndata','pyarrow','trl','verl') "
             "if m in sys.modules]\nprint('HEAVY', heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
     assert "HEAVY []" in out
 
 
@@ -38,9 +39,10 @@ def test_manifest_command_on_empty_ledger(tmp_path):
 
 
 def test_bad_override_syntax_is_a_user_error():
+    import pytest
+
     from cellpuzzle_cli.config import parse_overrides
     from cellpuzzle_cli.errors import UserError
-    import pytest
 
     with pytest.raises(UserError, match="key=value"):
         parse_overrides(["learning_rate"])

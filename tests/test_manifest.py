@@ -86,10 +86,9 @@ def test_corrupt_manifest_is_a_user_error(tmp_path):
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(target) as tmp:
-            (tmp / "half.txt").write_text("x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_output_dir(target) as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("boom")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -98,9 +97,8 @@ def test_atomic_output_dir_refuses_existing_results(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("keep")
-    with pytest.raises(UserError, match="--overwrite"):
-        with atomic_output_dir(target):
-            pass
+    with pytest.raises(UserError, match="--overwrite"), atomic_output_dir(target):
+        pass
     assert (target / "old.txt").read_text() == "keep"
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("n")

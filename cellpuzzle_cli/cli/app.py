@@ -8,8 +8,20 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli import __version__
-from cellpuzzle_cli.cli import (build_context, convert_ckpt, init_model, make_qa, manifest_cmd,
-                                merge_lora, predict, rl, score, sft, split, to_parquet)
+from cellpuzzle_cli.cli import (
+    build_context,
+    convert_ckpt,
+    init_model,
+    make_qa,
+    manifest_cmd,
+    merge_lora,
+    predict,
+    rl,
+    score,
+    sft,
+    split,
+    to_parquet,
+)
 
 app = typer.Typer(
     name="cellpuzzle",

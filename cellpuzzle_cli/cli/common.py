@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,11 +23,11 @@ err_console = Console(stderr=True)
 
 # -- shared option aliases ---------------------------------------------------------------
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
-OptionalOutputDir = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder.")]
+OptionalOutputDir = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value config overrides.", show_default=False)]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value config overrides.", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside a model folder (off by default: model folders come from strangers).")]
 
 
@@ -85,8 +85,14 @@ def start() -> float:
 def progress_bar(description: str, total: float | None = None,
                  unit: str = "") -> Iterator[Callable[..., None]]:
     """A rich progress bar on stderr; yields `update(advance=1, total=None, description=None)`."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]

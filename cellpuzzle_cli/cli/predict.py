@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -32,23 +32,23 @@ def _options(**given: Any) -> dict[str, Any]:
 
 def predict(
     ctx: typer.Context,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Hugging Face model folder. Default: the latest model from merge-lora, convert-ckpt, rl or init-model in the manifest.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Test puzzles (.jsonl, .json or .parquet). Default: the latest split's test file.")] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Predict shard i of n (i from 0), e.g. 0/4. Default: the whole set (0/1).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Hugging Face model folder. Default: the latest model from merge-lora, convert-ckpt, rl or init-model in the manifest.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Test puzzles (.jsonl, .json or .parquet). Default: the latest split's test file.")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="Predict shard i of n (i from 0), e.g. 0/4. Default: the whole set (0/1).")] = None,
     output: OptionalOutputDir = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="hf (transformers), vllm (GPU), baseline (marker genes, no model) or auto (vllm when installed with a GPU, else hf).")] = None,
-    train: Annotated[Optional[Path], typer.Option("--train", help="baseline only: training puzzles. Default: the train file split beside the test data.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per batch (hf default 16).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy (default).")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Samples per puzzle (needs --temperature > 0).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Prompt + answer token limit; longer prompts become errors.")] = None,
-    tensor_parallel_size: Annotated[Optional[int], typer.Option("--tensor-parallel-size", help="vllm: GPUs per model copy.")] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option("--gpu-memory-utilization", help="vllm: fraction of GPU memory to use.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", "-b", help="hf (transformers), vllm (GPU), baseline (marker genes, no model) or auto (vllm when installed with a GPU, else hf).")] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="baseline only: training puzzles. Default: the train file split beside the test data.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per batch (hf default 16).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy (default).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Samples per puzzle (needs --temperature > 0).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Prompt + answer token limit; longer prompts become errors.")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option("--tensor-parallel-size", help="vllm: GPUs per model copy.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option("--gpu-memory-utilization", help="vllm: fraction of GPU memory to use.")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Run all --num-shards shards as Ray tasks (one GPU each where there are GPUs).")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to use (host:port or ray://host:port). Default: start a local Ray.")] = None,
-    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="With --ray: how many shards to run.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (host:port or ray://host:port). Default: start a local Ray.")] = None,
+    num_shards: Annotated[int | None, typer.Option("--num-shards", help="With --ray: how many shards to run.")] = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="When resuming, predict again the puzzles that failed (e.g. out of memory) last time.")] = False,

@@ -43,6 +43,22 @@ def prompt_token_ids(tokenizer: Any, record: dict[str, Any]) -> list[int]:
     return tokenizer(chat_prompt(tokenizer, record), add_special_tokens=False)["input_ids"]
 
 
+class TokenizedPrompts:
+    """Prompt token ids per puzzle, computed once (sorting and generating both need them)."""
+
+    tokenizer: Any
+
+    def prompt_ids(self, record: dict[str, Any]) -> list[int]:
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        pid = record["puzzle_id"]
+        if pid not in cache:
+            cache[pid] = prompt_token_ids(self.tokenizer, record)
+        return cache[pid]
+
+    def sort_key(self, record: dict[str, Any]) -> int:
+        return len(self.prompt_ids(record))
+
+
 def check_prompt_fits(n_prompt: int, max_new_tokens: int, max_len: int | None,
                       puzzle_id: str) -> None:
     """Refuse a prompt that cannot fit the model's context instead of generating garbage."""

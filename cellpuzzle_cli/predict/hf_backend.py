@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.predict.base import Generation, check_prompt_fits, prompt_token_ids
+from cellpuzzle_cli.predict.base import Generation, TokenizedPrompts, check_prompt_fits
 from cellpuzzle_cli.predict.settings import PredictConfig
 
 GQA_ATTENTION = "cellpuzzle_sdpa_gqa"
@@ -79,7 +79,7 @@ def pick_dtype(dtype: str, device: str):
         raise UserError(f"dtype={dtype} is not one of auto, bfloat16, float16, float32.") from None
 
 
-class HFBackend:
+class HFBackend(TokenizedPrompts):
     name = "hf"
     default_batch_size = 16
 
@@ -113,7 +113,6 @@ class HFBackend:
         limits = [config.max_model_len, getattr(self.model.config, "max_position_embeddings", None)]
         self.max_len = min((x for x in limits if x), default=None)
         self.generation_config = self._generation_config()
-        self._ids: dict[str, list[int]] = {}
         self._torch = torch
 
     def _generation_config(self):
@@ -130,18 +129,9 @@ class HFBackend:
             eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id)
 
-    def _prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        pid = record["puzzle_id"]
-        if pid not in self._ids:
-            self._ids[pid] = prompt_token_ids(self.tokenizer, record)
-        return self._ids[pid]
-
-    def sort_key(self, record: dict[str, Any]) -> int:
-        return len(self._prompt_ids(record))
-
     def generate(self, records: list[dict[str, Any]]) -> list[Generation]:
         torch = self._torch
-        ids = [self._prompt_ids(r) for r in records]
+        ids = [self.prompt_ids(r) for r in records]
         for r, x in zip(records, ids):
             check_prompt_fits(len(x), self.config.max_new_tokens, self.max_len, r["puzzle_id"])
         batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.predict.base import Generation, check_prompt_fits, prompt_token_ids
+from cellpuzzle_cli.predict.base import Generation, TokenizedPrompts, check_prompt_fits
 from cellpuzzle_cli.predict.settings import PredictConfig
 
 INSTALL_HINT = "pip install 'cellpuzzle[gpu]'"
@@ -64,7 +64,7 @@ def to_generations(outputs: list[Any]) -> list[Generation]:
             for out in outputs]
 
 
-class VLLMBackend:
+class VLLMBackend(TokenizedPrompts):
     name = "vllm"
     default_batch_size = 256  # vLLM schedules internally; batches only bound resume granularity
 
@@ -77,21 +77,11 @@ class VLLMBackend:
         engine_config = getattr(self.llm.llm_engine, "model_config", None)
         self.max_len = config.max_model_len or getattr(engine_config, "max_model_len", None)
         self.params = vllm.SamplingParams(**sampling_kwargs(config))
-        self._ids: dict[str, list[int]] = {}
-
-    def _prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        pid = record["puzzle_id"]
-        if pid not in self._ids:
-            self._ids[pid] = prompt_token_ids(self.tokenizer, record)
-        return self._ids[pid]
-
-    def sort_key(self, record: dict[str, Any]) -> int:
-        return len(self._prompt_ids(record))
 
     def generate(self, records: list[dict[str, Any]]) -> list[Generation]:
         prompts = []
         for r in records:
-            ids = self._prompt_ids(r)
+            ids = self.prompt_ids(r)
             check_prompt_fits(len(ids), self.config.max_new_tokens, self.max_len, r["puzzle_id"])
             prompts.append({"prompt_token_ids": ids})
         return to_generations(self.llm.generate(prompts, self.params, use_tqdm=False))
