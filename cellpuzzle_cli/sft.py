@@ -219,9 +219,12 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, PrinterCallback
+    from transformers import AutoModelForCausalLM, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    # SFTTrainer wraps the model in LoRA before the Trainer seeds anything: seed here, or the
+    # adapter's initial weights (and so every run) differ.
+    set_seed(settings.seed)
     bf16 = use_bf16(settings.bf16)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:

@@ -178,6 +178,16 @@ def test_foreign_model_trains(cli, train_file, foreign, tmp_path):
     assert orjson.loads((out / "adapter_config.json").read_bytes())["use_dora"] is True
 
 
+def test_same_seed_gives_the_same_adapter_bytes(cli, train_file, tiny, tmp_path):
+    weights = []
+    for name in ("a", "b"):
+        result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / name, *FAST,
+                     "max_steps=3", "eval_size=0")
+        assert result.code == 0, result.output
+        weights.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
 def test_resume_continues_from_kept_checkpoint(cli, train_file, tiny, tmp_path):
     out = tmp_path / "adapter"
     first = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST, "max_steps=2",
