@@ -354,6 +354,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
                 "n_train": len(train_ex), "n_eval": len(eval_ex)}
     with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
         trainer.model.save_pretrained(tmp)
+        sort_adapter_module_lists(tmp / "adapter_config.json")
         trainer.processing_class.save_pretrained(tmp)
         write_json(tmp / CONFIG_NAME, resolved)
         write_json(tmp / LOG_NAME, trainer.state.log_history)
@@ -367,6 +368,17 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
                      eval_loss=eval_loss, runtime_s=runtime, device=str(trainer.args.device),
                      bf16=bf16, trainable_params=trainable,
                      resumed_from=str(ckpt) if ckpt else None, rationale_counts=counts)
+
+
+def sort_adapter_module_lists(path: Path) -> None:
+    """PEFT writes module-name sets in hash order; sorted, the same run gives the same bytes."""
+    import json
+
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # -- a base model for offline use ----------------------------------------------------------
