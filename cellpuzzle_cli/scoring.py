@@ -232,7 +232,7 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
     for path in files:
         records = _file_records(path)
         first = next(records, None)
-        if first is None or "prediction" not in first:
+        if not isinstance(first, dict) or "prediction" not in first:
             if strict_files:
                 raise UserError(f"{path} holds no predictions (records need a `prediction` field). "
                                 "Give the files written by `cellpuzzle predict`.")

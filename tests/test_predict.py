@@ -273,6 +273,17 @@ def test_model_and_data_default_to_the_manifest(cli, assets, tmp_path):
     assert {i["name"] for i in entry["inputs"]} == {"test", "model"}
 
 
+def test_model_defaults_to_the_newest_rl_model(cli, assets, tmp_path):
+    m = Manifest(cli.manifest)
+    m.record("split", {}, [], [Artifact(assets["data"], "test")], time.time())
+    m.record("init-model", {}, [], [Artifact(tmp_path, "model")], time.time())
+    m.record("rl grpo", {}, [], [Artifact(assets["model"], "model")], time.time())
+    result = cli("predict", "-o", tmp_path / "d", "--shard", "0/3", *GEN)
+    assert result.code == 0, result.output
+    assert {r["model"] for r in lines(tmp_path / "d" / "shard-0-of-3.jsonl")} == {
+        str(Path(assets["model"]).resolve())}
+
+
 def test_baseline_backend_via_the_cli(cli, assets, tmp_path):
     pytest.importorskip("cellpuzzle_cli.baseline")
     train = write_records(tmp_path / "train.jsonl", make_records(30, seed=9))

@@ -141,6 +141,9 @@ def test_bad_inputs_are_user_errors(cli, tmp_path):
     assert_user_error(cli("score", bad), "line 2")
     split = write_jsonl(tmp_path / "split.jsonl", [{"user_msg": "x", "assistant_msg": GOLD}])
     assert_user_error(cli("score", split), "prediction")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("5\n6\n")
+    assert_user_error(cli("score", numbers), "holds no predictions")
 
 
 def test_tokenizer_lengths(cli, tmp_path):

@@ -31,6 +31,10 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="key=value config ov
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside a model folder (off by default: model folders come from strangers).")]
 
 
+# `rl` records its runs under the subcommand's full name.
+RL_COMMANDS = ("rl grpo", "rl ppo")
+
+
 def manifest(ctx: typer.Context) -> Manifest:
     """The manifest chosen with the global `--manifest` option."""
     root = ctx.find_root()

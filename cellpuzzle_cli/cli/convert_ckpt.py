@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    RL_COMMANDS,
     OutputDir,
     Overwrite,
     console,
@@ -38,7 +39,7 @@ def convert_ckpt(
     from cellpuzzle_cli.checkpoint import convert_checkpoint
 
     started = start()
-    ckpt = input_or_latest(ctx, checkpoint, ("rl grpo", "rl ppo"), "checkpoint", name="checkpoints")
+    ckpt = input_or_latest(ctx, checkpoint, RL_COMMANDS, "checkpoint", name="checkpoints")
     with progress_bar("convert-ckpt") as update:
         result = convert_checkpoint(ckpt, output, dtype=dtype, overwrite=overwrite, progress=update)
     console.print(f"[green]Converted[/green] {result.actor_dir} ({result.world_size} rank(s)) -> "

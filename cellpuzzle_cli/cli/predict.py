@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    RL_COMMANDS,
     ConfigFile,
     OptionalOutputDir,
     Overrides,
@@ -23,7 +24,7 @@ from cellpuzzle_cli.cli.common import (
 )
 from cellpuzzle_cli.errors import UserError
 
-MODEL_COMMANDS = ("merge-lora", "convert-ckpt", "rl", "init-model")
+MODEL_COMMANDS = ("merge-lora", "convert-ckpt", *RL_COMMANDS, "init-model")
 
 
 def _options(**given: Any) -> dict[str, Any]:
