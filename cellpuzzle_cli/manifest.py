@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,6 +93,8 @@ class Manifest:
     def __init__(self, path: Path | str = DEFAULT_PATH):
         self.path = Path(path)
         self.root = self.path.resolve().parent
+        # Inputs are only read, so one process hashes each once (e.g. a model shared by Ray shards).
+        self._inputs: dict[Path, dict[str, Any]] = {}
 
     # -- reading -------------------------------------------------------------------------
     def load(self) -> dict[str, Any]:
@@ -117,20 +119,18 @@ class Manifest:
     def relative(self, path: Path) -> str:
         return os.path.relpath(Path(path).resolve(), self.root).replace(os.sep, "/")
 
+    def _newest(self, commands: str | Iterable[str]) -> Iterator[dict[str, Any]]:
+        """Entries made by one of `commands`, newest first."""
+        wanted = {commands} if isinstance(commands, str) else set(commands)
+        return (e for e in reversed(self.entries()) if e["command"] in wanted)
+
     def latest(self, commands: str | Iterable[str]) -> dict[str, Any] | None:
         """The newest entry made by one of `commands`."""
-        wanted = {commands} if isinstance(commands, str) else set(commands)
-        for entry in reversed(self.entries()):
-            if entry["command"] in wanted:
-                return entry
-        return None
+        return next(self._newest(commands), None)
 
     def latest_output(self, commands: str | Iterable[str], name: str | None = None) -> Path | None:
         """Path of the newest output (named `name`, if given) of one of `commands`."""
-        wanted = {commands} if isinstance(commands, str) else set(commands)
-        for entry in reversed(self.entries()):
-            if entry["command"] not in wanted:
-                continue
+        for entry in self._newest(commands):
             for out in entry["outputs"]:
                 if name is None or out["name"] == name:
                     return self.resolve(out["path"])
@@ -151,6 +151,12 @@ class Manifest:
     def _artifact(self, art: Artifact) -> dict[str, Any]:
         return {"name": art.name, "path": self.relative(art.path), **describe(art.path)}
 
+    def _input(self, art: Artifact) -> dict[str, Any]:
+        key = Path(art.path).resolve()
+        if key not in self._inputs:
+            self._inputs[key] = describe(art.path)
+        return {"name": art.name, "path": self.relative(art.path), **self._inputs[key]}
+
     def record(self, command: str, params: dict[str, Any], inputs: Iterable[Artifact],
                outputs: Iterable[Artifact], started: float, argv: list[str] | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -165,7 +171,7 @@ class Manifest:
             "command": command,
             "argv": list(sys.argv if argv is None else argv),
             "params": params,
-            "inputs": [self._artifact(a) for a in inputs],
+            "inputs": [self._input(a) for a in inputs],
             "outputs": [self._artifact(a) for a in outputs],
             "versions": library_versions(),
             "started": iso(started),

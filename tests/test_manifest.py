@@ -103,3 +103,24 @@ def test_atomic_output_dir_refuses_existing_results(tmp_path):
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("n")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+def test_one_run_hashes_a_shared_input_once_but_every_output(tmp_path, monkeypatch):
+    import cellpuzzle_cli.manifest as manifest_module
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"w" * 1000)
+    hashed = []
+    real = manifest_module.describe
+    monkeypatch.setattr(manifest_module, "describe", lambda p: hashed.append(Path(p)) or real(p))
+    m = Manifest(tmp_path / "m.json")
+    for i in range(3):  # e.g. three Ray shards recorded by one process
+        out = tmp_path / f"shard-{i}.jsonl"
+        out.write_text(str(i))
+        m.record("predict", {}, [Artifact(model, "model")], [Artifact(out, "predictions")],
+                 time.time())
+    assert hashed.count(model) == 1
+    assert sum(p.name.startswith("shard-") for p in hashed) == 3
+    sums = {e["inputs"][0]["sha256"] for e in m.entries()}
+    assert sums == {describe(model)["sha256"]}

@@ -22,6 +22,7 @@ from cellpuzzle_cli.cli import (
     split,
     to_parquet,
 )
+from cellpuzzle_cli.manifest import DEFAULT_PATH, Manifest
 
 app = typer.Typer(
     name="cellpuzzle",
@@ -48,11 +49,11 @@ def _root(
     ctx: typer.Context,
     manifest: Annotated[Path, typer.Option("--manifest", "-m", envvar="CELLPUZZLE_MANIFEST",
                                            help="Manifest (artifact ledger) to read and append.")]
-    = Path("cellpuzzle.json"),
+    = DEFAULT_PATH,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    ctx.obj = {"manifest_path": manifest}
+    ctx.obj = {"manifest": Manifest(manifest)}  # one per run: it remembers what it hashed
 
 
 app.command("build-context")(build_context.build_context)

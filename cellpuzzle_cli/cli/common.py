@@ -37,9 +37,7 @@ RL_COMMANDS = ("rl grpo", "rl ppo")
 
 def manifest(ctx: typer.Context) -> Manifest:
     """The manifest chosen with the global `--manifest` option."""
-    root = ctx.find_root()
-    path = (root.obj or {}).get("manifest_path", Path("cellpuzzle.json"))
-    return Manifest(path)
+    return ctx.find_root().obj["manifest"]
 
 
 def input_or_latest(ctx: typer.Context, given: Path | None, commands: str | tuple[str, ...],
