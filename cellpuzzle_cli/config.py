@@ -119,6 +119,3 @@ def build_config(cls: type[T], file: Path | str | None = None,
             values[key] = _coerce(value, hints[key], key)
     return cls(**values)
 
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -16,12 +16,6 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
-def require(condition: object, message: str) -> None:
-    """Raise `UserError(message)` unless `condition` holds."""
-    if not condition:
-        raise UserError(message)
-
-
 def existing_path(path, what: str = "input"):
     """Return `path` as a Path, or fail with a message naming it when it does not exist."""
     from pathlib import Path

@@ -19,7 +19,6 @@ import orjson
 
 from cellpuzzle_cli.errors import UserError, existing_path
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600

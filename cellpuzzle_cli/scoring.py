@@ -214,8 +214,7 @@ def load_reference(path: Path) -> dict[str, dict[str, Any]]:
 def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
               lengths: Callable[[list[str]], np.ndarray] | None = None,
               reference: dict[str, dict[str, Any]] | None = None,
-              strict_files: bool = False,
-              progress: Callable[..., None] | None = None) -> Judged:
+              strict_files: bool = False) -> Judged:
     """Read and judge every prediction of one run.
 
     In folders, files whose records carry no `prediction` (configs, splits) are skipped;
@@ -277,8 +276,6 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
             if len(texts) >= _LENGTH_CHUNK:
                 length_parts.append(np.asarray(count_lengths(texts), dtype=np.float64))
                 texts = []
-        if progress is not None:
-            progress(1)
     if texts:
         length_parts.append(np.asarray(count_lengths(texts), dtype=np.float64))
     if not rows:
@@ -431,7 +428,6 @@ def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool 
 @dataclass
 class ScoreResult:
     reports: list[Report]
-    judged: list[Judged]
     length_unit: str
 
     def to_json(self) -> dict[str, Any]:
@@ -442,18 +438,16 @@ class ScoreResult:
 
 def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
                tokenizer: Path | None = None, reference: Path | None = None,
-               resamples: int = 1000, seed: int = 0,
-               progress: Callable[..., None] | None = None) -> ScoreResult:
+               resamples: int = 1000, seed: int = 0) -> ScoreResult:
     """Judge and summarise each run."""
     lengths = tokenizer_lengths(tokenizer) if tokenizer is not None else None
     unit = f"tokens ({Path(tokenizer).name} tokenizer)" if tokenizer is not None else "whitespace words"
     ref = load_reference(existing_path(reference, "reference file")) if reference is not None else None
-    judged, reports = [], []
+    reports = []
     for run in runs:
-        j = judge_run(run.name, run.files, cello1_compat, lengths, ref, run.strict, progress)
-        judged.append(j)
+        j = judge_run(run.name, run.files, cello1_compat, lengths, ref, run.strict)
         reports.append(report(j, resamples, seed, cello1_compat, unit, ref))
-    return ScoreResult(reports, judged, unit)
+    return ScoreResult(reports, unit)
 
 
 # -- the latest predict run from the manifest ----------------------------------------------

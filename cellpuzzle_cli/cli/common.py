@@ -120,7 +120,3 @@ def progress_bar(description: str, total: float | None = None,
         if progress.live.is_started:
             progress.stop()
 
-
-def not_implemented(command: str) -> None:
-    raise UserError(f"`cellpuzzle {command}` is not implemented yet. It is planned; see the "
-                    "project's open issues.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -46,11 +47,40 @@ Model = Annotated[Path | None, typer.Option(
     show_default=False)]
 
 
-def _run(ctx: typer.Context, algorithm: str, config: Path | None, overrides: list[str] | None,
-         backend: str | None, dry_run: bool, ray_address: str | None, nnodes: int | None,
-         gpus_per_node: int | None, data: Path | None, val_data: Path | None,
-         model: Path | None, output: Path | None, overwrite: bool) -> None:
+GRPO_HELP = """GRPO with the CellPuzzles reward (Cell-o1's settings: configs/grpo.yaml).
+
+    Keys are verl's own dotted names; `cellpuzzle.KEY=…` sets our section.
+
+    Examples:
+    [bold]cellpuzzle rl grpo --dry-run actor_rollout_ref.rollout.n=8[/bold]
+    [bold]cellpuzzle rl grpo --backend trl trainer.total_training_steps=3 -o rl-trl[/bold]
+    """
+
+PPO_HELP = """PPO with a critic, on verl only (Cell-o1's settings: configs/ppo.yaml).
+
+    Example: [bold]cellpuzzle rl ppo --dry-run --nnodes 2 --gpus-per-node 8[/bold]
+    """
+
+
+def rl_command(
+    ctx: typer.Context,
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    backend: Backend = None,
+    dry_run: DryRun = False,
+    ray_address: RayAddress = None,
+    nnodes: Nnodes = None,
+    gpus_per_node: Gpus = None,
+    data: Data = None,
+    val_data: ValData = None,
+    model: Model = None,
+    output: OptionalOutputDir = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """`rl grpo` and `rl ppo` (the algorithm is the subcommand's name)."""
     from cellpuzzle_cli.config import parse_overrides
+
+    algorithm = ctx.command.name
     from cellpuzzle_cli.rl import RLRequest, run_rl
 
     started = start()
@@ -73,7 +103,7 @@ def _run(ctx: typer.Context, algorithm: str, config: Path | None, overrides: lis
     if result.dry_run:
         if result.command:
             console.print("[green]verl accepted the config.[/green] Command:")
-            console.print(" ".join(_quote(a) for a in result.command), soft_wrap=True,
+            console.print(shlex.join(result.command), soft_wrap=True,
                           highlight=False, markup=False)
         else:
             console.print("[green]TRL GRPOConfig[/green] (from the verl keys):")
@@ -97,59 +127,5 @@ def _run(ctx: typer.Context, algorithm: str, config: Path | None, overrides: lis
     record(ctx, f"rl {algorithm}", params, started, inputs, [Artifact(result.output, "checkpoints")])
 
 
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
-@app.command("grpo")
-def grpo(
-    ctx: typer.Context,
-    overrides: Overrides = None,
-    config: ConfigFile = None,
-    backend: Backend = None,
-    dry_run: DryRun = False,
-    ray_address: RayAddress = None,
-    nnodes: Nnodes = None,
-    gpus_per_node: Gpus = None,
-    data: Data = None,
-    val_data: ValData = None,
-    model: Model = None,
-    output: OptionalOutputDir = None,
-    overwrite: Overwrite = False,
-) -> None:
-    """GRPO with the CellPuzzles reward (Cell-o1's settings: configs/grpo.yaml).
-
-    Keys are verl's own dotted names; `cellpuzzle.KEY=…` sets our section.
-
-    Examples:
-    [bold]cellpuzzle rl grpo --dry-run actor_rollout_ref.rollout.n=8[/bold]
-    [bold]cellpuzzle rl grpo --backend trl trainer.total_training_steps=3 -o rl-trl[/bold]
-    """
-    _run(ctx, "grpo", config, overrides, backend, dry_run, ray_address, nnodes, gpus_per_node,
-         data, val_data, model, output, overwrite)
-
-
-@app.command("ppo")
-def ppo(
-    ctx: typer.Context,
-    overrides: Overrides = None,
-    config: ConfigFile = None,
-    backend: Backend = None,
-    dry_run: DryRun = False,
-    ray_address: RayAddress = None,
-    nnodes: Nnodes = None,
-    gpus_per_node: Gpus = None,
-    data: Data = None,
-    val_data: ValData = None,
-    model: Model = None,
-    output: OptionalOutputDir = None,
-    overwrite: Overwrite = False,
-) -> None:
-    """PPO with a critic, on verl only (Cell-o1's settings: configs/ppo.yaml).
-
-    Example: [bold]cellpuzzle rl ppo --dry-run --nnodes 2 --gpus-per-node 8[/bold]
-    """
-    _run(ctx, "ppo", config, overrides, backend, dry_run, ray_address, nnodes, gpus_per_node,
-         data, val_data, model, output, overwrite)
+app.command("grpo", help=GRPO_HELP)(rl_command)
+app.command("ppo", help=PPO_HELP)(rl_command)

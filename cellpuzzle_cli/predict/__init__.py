@@ -1,7 +1,7 @@
 """Predict: model answers for one shard of the test set, written so a killed run resumes.
 
 `run_predict(settings)` is the service behind `cellpuzzle predict`. It writes
-`<out>/shard-{i}-of-{n}.jsonl`, one line per puzzle (see records.LINE_FIELDS), appending and
+`<out>/shard-{i}-of-{n}.jsonl`, one line per puzzle (fields: see `_line`), appending and
 fsyncing each batch; a re-run skips the puzzles already there. A batch that fails (out of
 memory, prompt too long) is split in halves down to single puzzles; a puzzle that still fails
 gets `prediction: null` and the error, never the error text as its answer.

@@ -20,10 +20,6 @@ from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_write_bytes, dumps_line, read_records
 from cellpuzzle_cli.predict.shards import order_key
 
-# Field order of a prediction line (the contract `score` reads).
-LINE_FIELDS = ("puzzle_id", "prediction", "answer", "n", "model", "backend", "error",
-               "batch_size", "batch_seconds", "prompt_tokens", "completion_tokens")
-
 
 def _fallback_id(record: dict[str, Any]) -> str:
     """Files without `puzzle_id` (e.g. other exports) get an id from their prompt text."""

@@ -66,10 +66,6 @@ def order_key(puzzle_id: str) -> tuple[str, str]:
     return hashlib.sha256(puzzle_id.encode("utf-8")).hexdigest(), puzzle_id
 
 
-def shard_order(puzzle_ids: Sequence[str]) -> list[str]:
-    """All ids in the canonical order shards are dealt from (and shard files are written in)."""
-    return sorted(puzzle_ids, key=order_key)
-
 
 def select_shard(records: Sequence[dict[str, Any]], shard: Shard) -> list[dict[str, Any]]:
     """The records of `shard`, in canonical order; records need a unique `puzzle_id`."""

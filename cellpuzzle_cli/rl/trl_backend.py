@@ -30,7 +30,6 @@ ROLLOUT = "actor_rollout_ref.rollout."
 @dataclass
 class TrlPlan:
     grpo_args: dict[str, Any]
-    mapped: dict[str, str]
     ignored_note: str
     model: str
     train_file: str
@@ -121,22 +120,12 @@ def build_plan(settings: RLSettings, use_cpu: bool) -> TrlPlan:
         "report_to": "none",
         "disable_tqdm": True,
     }
-    mapped = {
-        ACTOR + "optim.lr": "learning_rate", ROLLOUT + "n": "num_generations",
-        ACTOR + "kl_loss_coef (with use_kl_loss)": "beta",
-        "data.train_batch_size x rollout.n": "generation_batch_size",
-        ACTOR + "ppo_micro_batch_size_per_gpu": "per_device_train_batch_size",
-        "ppo_mini_batch_size x n / micro": "gradient_accumulation_steps",
-        "data.max_response_length": "max_completion_length",
-        "data.max_prompt_length": "longer prompts dropped",
-        "trainer.total_epochs / total_training_steps": "num_train_epochs / max_steps",
-    }
     note = ("Keys about Ray, FSDP, vLLM, offloading, critics and GPUs only apply to --backend "
             "verl.")
     if settings.get("algorithm.use_kl_in_reward", False):
         raise UserError("algorithm.use_kl_in_reward has no TRL equivalent; the TRL backend puts "
                         f"the KL term in the loss ({ACTOR}use_kl_loss, kl_loss_coef).")
-    return TrlPlan(grpo_args=args, mapped=mapped, ignored_note=note,
+    return TrlPlan(grpo_args=args, ignored_note=note,
                    model=str(settings.get(MODEL_KEY) or ""),
                    train_file=_first_file(settings.get(TRAIN_KEY), TRAIN_KEY))
 
