@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -179,25 +180,36 @@ def judge(prediction: str | None, gold: Sequence[str], cello1_compat: bool = Fal
     return Verdict(legitimate, len(gold), correct, exact, n_items, n_distinct)
 
 
-def reward_from_verdict(v: Verdict, variant: str = "cello1") -> float:
+REWARD_VARIANTS = ("cello1", "partial", "exact")
+DEFAULT_VARIANT = "cello1"
+
+
+def check_variant(variant: str) -> str:
+    if variant not in REWARD_VARIANTS:
+        raise ValueError(f"Unknown reward variant {variant!r}; use one of {', '.join(REWARD_VARIANTS)}.")
+    return variant
+
+
+def reward_from_verdict(v: Verdict, variant: str = DEFAULT_VARIANT) -> float:
     """Reward of a judged prediction.
 
     −1 when the layout is illegitimate, the item count differs from N, or an item repeats
     (case-insensitive); otherwise `cello1`: (correct/N + exact)/2, `partial`: correct/N,
     `exact`: 1 or 0.
     """
+    check_variant(variant)
     if not v.legitimate or v.n_items != v.n or v.n_distinct != v.n_items or v.n == 0:
         return -1.0
     if variant == "cello1":
         return (v.correct / v.n + float(v.exact)) / 2.0
     if variant == "partial":
         return v.correct / v.n
-    if variant == "exact":
-        return float(v.exact)
-    raise ValueError(f"unknown reward variant {variant!r}; use one of {', '.join(REWARD_VARIANTS)}")
+    return float(v.exact)
 
 
-REWARD_VARIANTS = ("cello1", "partial", "exact")
+def record_answer(record: dict[str, Any]) -> Any:
+    """The gold answer of a record: `answer` (our puzzles, predictions) or `assistant_msg`."""
+    return record.get("answer") if record.get("answer") is not None else record.get("assistant_msg")
 
 
 def format_prediction(think: str, items: Sequence[str]) -> str:

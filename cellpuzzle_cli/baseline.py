@@ -15,8 +15,8 @@ import numpy as np
 
 from cellpuzzle_cli.answer import format_prediction
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.markers import DEPTHS, MarkerStats, record_question
-from cellpuzzle_cli.prompts import parse_question
+from cellpuzzle_cli.markers import DEPTHS, MarkerStats
+from cellpuzzle_cli.prompts import parse_question, record_question
 
 
 def assign(scores: np.ndarray) -> list[int]:

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from cellpuzzle_cli.answer import answer_items
+from cellpuzzle_cli.answer import answer_items, record_answer
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.prompts import parse_question
+from cellpuzzle_cli.prompts import parse_question, record_question
 
 DEPTHS = (10, 25, 50)
 
@@ -29,14 +29,6 @@ DEPTHS = (10, 25, 50)
 def type_key(cell_type: str) -> str:
     """Cell types are matched case-insensitively, as answers are."""
     return " ".join(cell_type.split()).lower()
-
-
-def record_question(record: dict[str, Any]) -> str:
-    return str(record.get("user_msg") or record.get("question") or "")
-
-
-def record_answer(record: dict[str, Any]) -> Any:
-    return record.get("answer") if record.get("answer") is not None else record.get("assistant_msg")
 
 
 @dataclass(eq=False)

@@ -51,6 +51,11 @@ def format_answer(cell_types: Sequence[str]) -> str:
     return ANSWER_SEPARATOR.join(cell_types)
 
 
+def record_question(record: dict[str, Any]) -> str:
+    """The puzzle text of a record: `user_msg` (splits) or `question` (make-qa output)."""
+    return str(record.get("user_msg") or record.get("question") or "")
+
+
 def parse_question(question: str) -> tuple[list[list[str]], list[str]]:
     """Cells' gene lists and candidate types back from a user message.
 

@@ -11,20 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cellpuzzle_cli.answer import REWARD_VARIANTS, answer_items, judge, reward_from_verdict
-
-DEFAULT_VARIANT = "cello1"
-
-
-def _check_variant(variant: str) -> str:
-    if variant not in REWARD_VARIANTS:
-        raise ValueError(f"Unknown reward variant {variant!r}; use one of {', '.join(REWARD_VARIANTS)}.")
-    return variant
+from cellpuzzle_cli.answer import (
+    DEFAULT_VARIANT,
+    answer_items,
+    check_variant,
+    judge,
+    reward_from_verdict,
+)
 
 
 def reward(completion: str | None, ground_truth: str | Sequence[str], variant: str = DEFAULT_VARIANT) -> float:
     """Reward of one completion text against a gold answer (`"t1 | t2"` or a full answer text)."""
-    return reward_from_verdict(judge(completion, answer_items(ground_truth)), _check_variant(variant))
+    return reward_from_verdict(judge(completion, answer_items(ground_truth)), variant)
 
 
 def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
@@ -54,7 +52,7 @@ def completion_text(completion: Any) -> str:
 
 def make_trl_reward(variant: str = DEFAULT_VARIANT) -> Callable[..., list[float]]:
     """A TRL `reward_funcs` function for `variant`; its `__name__` labels TRL's reward logs."""
-    _check_variant(variant)
+    check_variant(variant)
 
     def fn(completions: Sequence[Any], ground_truth: Sequence[Any], **kwargs: Any) -> list[float]:
         if len(completions) != len(ground_truth):

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from cellpuzzle_cli.answer import answer_items_lower, judge_lowered
+from cellpuzzle_cli.answer import (
+    Verdict,
+    answer_items_lower,
+    judge_lowered,
+    record_answer,
+    reward_from_verdict,
+)
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import find_files, read_records
 
@@ -65,9 +71,9 @@ class Judged:
     @property
     def reward(self) -> np.ndarray:
         """The `cello1` reward of every prediction, from the same numbers `score` reports."""
-        ok = self.legitimate & (self.n_items == self.n) & (self.n_distinct == self.n_items) & (self.n > 0)
-        value = (self.correct / np.maximum(self.n, 1) + self.exact) / 2.0
-        return np.where(ok, value, -1.0)
+        rows = zip(self.legitimate.tolist(), self.n.tolist(), self.correct.tolist(),
+                   self.exact.tolist(), self.n_items.tolist(), self.n_distinct.tolist())
+        return np.array([reward_from_verdict(Verdict(*row)) for row in rows], dtype=np.float64)
 
 
 @dataclass
@@ -251,12 +257,9 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
                                     "separately (one folder per run, e.g. `cellpuzzle score runA/ "
                                     "runB/`) or remove the duplicate shard.")
                 owner[pid] = path
-            gold_raw = rec.get("answer")
-            if gold_raw is None:
-                gold_raw = rec.get("assistant_msg")
-                if gold_raw is None and reference is not None and pid in reference:
-                    ref = reference[pid]
-                    gold_raw = ref.get("answer") if ref.get("answer") is not None else ref.get("assistant_msg")
+            gold_raw = record_answer(rec)
+            if gold_raw is None and reference is not None and pid in reference:
+                gold_raw = record_answer(reference[pid])
             gold = answer_items_lower(gold_raw)
             if not gold:
                 raise UserError(f"Record {i + 1} of {path} has no gold answer (`answer` or "
