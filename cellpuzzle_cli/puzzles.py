@@ -130,8 +130,7 @@ def split_cell_folds(group: Group, fraction: float, seed: int) -> list[Group]:
 
     Types with a single cell stay in train only; each fold keeps only its non-empty types.
     """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _stable_int(group.dataset,
-                                                                          group.label, "folds")]))
+    rng = seeded_rng(seed, group.dataset, group.label, "folds")
     folds = {f: Group(group.dataset, group.donor_id, group.batch_id, [], [], f)
              for f in ("train", "test")}
     for cell_type, pool in zip(group.types, group.pools):
@@ -249,9 +248,15 @@ def index_groups(cells: Cells, use_batch: bool = True) -> list[Group]:
 
 
 # -- sampling --------------------------------------------------------------------------------
-def _stable_int(*parts: object) -> int:
+def stable_int(*parts: object) -> int:
+    """A 64-bit number from text parts, the same in every process (unlike `hash`)."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def seeded_rng(seed: int, *parts: object) -> np.random.Generator:
+    """An independent generator per (seed, parts): draws for one group never shift another's."""
+    return np.random.default_rng(np.random.SeedSequence([seed, stable_int(*parts)]))
 
 
 def count_cell_sets(pool_sizes: list[int], n: int) -> int:
@@ -268,7 +273,7 @@ def sample_group(group: Group, n: int, quota: int,
     """Up to `quota` distinct cell sets of size n: (row indices in cell order, a permutation
     for shuffling the candidates — drawn even when they get sorted, so sorting never changes
     which cells are picked)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _stable_int(group.name), n]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, stable_int(group.name), n]))
     sizes = np.array([len(p) for p in group.pools], dtype=np.int64)
     target = min(quota, count_cell_sets(sizes.tolist(), n))
     seen: set[tuple[int, ...]] = set()

@@ -27,7 +27,6 @@ CellPuzzles field names (``system_msg``, ``user_msg``, ``assistant_msg``) with t
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -39,12 +38,12 @@ import numpy as np
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import atomic_output_dir, read_records, write_json, write_jsonl
 from cellpuzzle_cli.prompts import load_system_prompt
+from cellpuzzle_cli.puzzles import PUZZLES_FILE, seeded_rng
 
 GROUP_BY = ("donor", "dataset", "cell")
 TRAIN_FILE = "train.jsonl"
 TEST_FILE = "test.jsonl"
 PARAMS_FILE = "split.json"
-PUZZLES_FILE = "puzzles.jsonl"
 REQUIRED_FIELDS = ("puzzle_id", "dataset", "group", "donor_id", "n", "cell_ids", "question",
                    "answer")
 
@@ -131,12 +130,6 @@ def load_puzzles(path: Path) -> list[dict[str, Any]]:
 
 
 # -- assignment ------------------------------------------------------------------------------
-def _rng(seed: int, *parts: object) -> np.random.Generator:
-    salt = int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8],
-                          "little")
-    return np.random.default_rng(np.random.SeedSequence([seed, salt]))
-
-
 def allocate(sizes: dict[int, int], total: int) -> dict[int, int]:
     """Split `total` across strata in proportion to `sizes` (largest remainder; small N wins ties)."""
     whole = sum(sizes.values())
@@ -179,7 +172,7 @@ def assign_by_unit(units: list[Any], ns: list[int], config: SplitConfig) -> Assi
                         "(no cell of a test puzzle appears in train), ideally with puzzles made "
                         "by `make-qa --test-cells 0.2` so no puzzle is lost to the split.")
     target = min(config.max_test, max(1, round(config.test_fraction * len(units))))
-    rng = _rng(config.seed, "split", config.group_by)
+    rng = seeded_rng(config.seed, "split", config.group_by)
     test_units: list[Any] = []
     count = 0
     for j in rng.permutation(len(keys)):
@@ -215,7 +208,7 @@ def assign_by_cell(cells: list[list[Any]], ns: list[int], config: SplitConfig) -
     target = min(config.max_test, max(1, round(config.test_fraction * n_puzzles)))
     strata = {n: np.flatnonzero(ns_arr == n) for n in sorted(set(ns))}
     quota = allocate({n: len(v) for n, v in strata.items()}, target)
-    rng = _rng(config.seed, "split", "cell")
+    rng = seeded_rng(config.seed, "split", "cell")
     test: list[int] = []
     for n in sorted(strata, reverse=True):
         members = strata[n]
@@ -253,7 +246,7 @@ def assign_by_fold(folds: list[str], ns: list[int], config: SplitConfig) -> Assi
     dropped_cap: list[int] = []
     if len(test) > config.max_test:
         test, dropped_cap = stratified_subsample(test, ns, config.max_test,
-                                                 _rng(config.seed, "split", "fold"))
+                                                 seeded_rng(config.seed, "split", "fold"))
     return Assignment(test=test, train=train, dropped_cap=dropped_cap,
                       method="cell folds from make-qa --test-cells")
 
