@@ -13,19 +13,18 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.io import Progress
 
 SHARD_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 STEP_RE = re.compile(r"^global_step_(\d+)$")
 DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WEIGHTS_NAME = "model.safetensors"
 
-Progress = Callable[..., None]
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 
 from cellpuzzle_cli.config import load_yaml, shipped_config
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import atomic_output_dir, find_files, write_json
+from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, write_json
 
 DEFAULT_DONOR_COL = "donor_id"
 DEFAULT_GENE_COL = "feature_name"
@@ -49,7 +49,6 @@ _PROBE_ROWS = 2000                  # rows inspected to decide whether X is scal
 _SUFFIX = re.compile(r"_ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
-ProgressFn = Callable[..., None]
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -994,7 +993,7 @@ def _warm() -> int:
 
 
 def build_context(inputs: list[Path], out_dir: Path, config: ContextConfig = ContextConfig(),
-                  overwrite: bool = False, progress: ProgressFn | None = None) -> BuildResult:
+                  overwrite: bool = False, progress: Progress | None = None) -> BuildResult:
     """Write one Parquet cell table per input `.h5ad` under `out_dir`, mirroring input folders."""
     started = time.perf_counter()
     config.check()
@@ -1029,7 +1028,7 @@ def build_context(inputs: list[Path], out_dir: Path, config: ContextConfig = Con
 
 
 def _run(plans: list[FilePlan], field_columns: list[str], k: int, pool: Any, depth: int,
-         progress: ProgressFn | None) -> None:
+         progress: Progress | None) -> None:
     def jobs():
         for i, plan in enumerate(plans):
             for a, b in plan.chunks():

@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from cellpuzzle_cli.errors import UserError, existing_path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# What services accept to report progress: `progress(advance, total=…, description=…)`.
+Progress = Callable[..., None]
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import atomic_output_dir, write_json
+from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
+from cellpuzzle_cli.manifest import Artifact, Manifest, describe
 
 ADAPTER_CONFIG = "adapter_config.json"
 CONFIG_NAME = "merge-lora.json"
 
-Progress = Callable[..., None]
 
 
 @dataclass
@@ -140,3 +140,26 @@ def recorded_base(manifest: Any, adapter: Path) -> Path | None:
                     return manifest.resolve(inp["path"])
             return None
     return None
+
+
+@dataclass
+class MergePlan:
+    base: str
+    inputs: list[Artifact]
+    up_to_date: bool  # the output was merged from these very inputs and is unchanged since
+
+
+def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None, output: Path,
+               overwrite: bool) -> MergePlan:
+    """Which base to merge into, the run's inputs, and whether the work is already done."""
+    check_adapter(adapter)
+    recorded = recorded_base(manifest, adapter) if base is None else None
+    base_model = resolve_base(adapter, base, recorded)
+    inputs = [Artifact(Path(adapter), "adapter")]
+    if Path(base_model).exists():
+        inputs.append(Artifact(Path(base_model), "base_model"))
+    current = False
+    if output.exists() and not overwrite:
+        now = {a.name: describe(a.path) for a in inputs}
+        current = up_to_date(manifest.entries(), manifest.relative, now, output, describe(output))
+    return MergePlan(base_model, inputs, current)

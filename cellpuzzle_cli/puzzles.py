@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import atomic_output_dir, find_files, write_json, write_jsonl
+from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, write_json, write_jsonl
 from cellpuzzle_cli.prompts import format_answer, format_question
 
 PUZZLES_FILE = "puzzles.jsonl"
@@ -52,7 +51,6 @@ META_COLUMNS = ("cell_id", "dataset", "donor_id", "batch_id", "cell_type", "cont
 _UNKNOWN_DONOR = "unknown"
 _MAX_ATTEMPTS_PER_PUZZLE = 20
 
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)

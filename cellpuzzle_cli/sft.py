@@ -19,24 +19,22 @@ when training has finished.
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import atomic_output_dir, read_records, write_json
+from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
 from cellpuzzle_cli.prompts import record_messages
+from cellpuzzle_cli.splitting import holdout, read_training_records
 
 CONFIG_NAME = "sft-config.json"
 LOG_NAME = "train-log.json"
-REQUIRED_FIELDS = ("user_msg", "assistant_msg")
 RATIONALE_MODES = ("template", "none")
 
-Progress = Callable[..., None]
 
 
 @dataclass
@@ -94,62 +92,6 @@ class SftResult:
     trainable_params: int
     resumed_from: str | None = None
     rationale_counts: dict[str, int] = field(default_factory=dict)
-
-
-# -- data -----------------------------------------------------------------------------------
-def read_training_records(path: Path, required: Sequence[str] = REQUIRED_FIELDS) -> list[dict[str, Any]]:
-    """Split records (JSONL, CellPuzzles-style JSON array or Parquet) with the chat fields checked."""
-    records = read_records(path)
-    if not records:
-        raise UserError(f"{path} holds no records. Point --data at a non-empty train split "
-                        "(e.g. the train.jsonl written by `cellpuzzle split`).")
-    present = set().union(*(r.keys() for r in records if isinstance(r, dict)))
-    missing = [f for f in required if any(not isinstance(r, dict) or r.get(f) in (None, "")
-                                          for r in records)]
-    if missing:
-        raise UserError(f"{path} lacks the field(s) {', '.join(missing)} in some or all records; it "
-                        f"has {', '.join(sorted(present)) or 'no fields'}. Training data needs "
-                        "user_msg and assistant_msg (system_msg optional): use the train.jsonl "
-                        "from `cellpuzzle split` or a CellPuzzles file.")
-    return records
-
-
-def holdout(records: Sequence[dict[str, Any]], size: float, seed: int,
-            group_key: str = "group") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Seeded (train, held-out) split; whole groups go to the held-out side when there are several.
-
-    `size` below 1 is a fraction of the records, otherwise a count. With three or more groups
-    (donors), whole groups are held out until the count is reached, so a held-out score cannot
-    reward memorised donors; with fewer, or records without a group, random puzzles are.
-    """
-    if size < 0:
-        raise UserError(f"The held-out size must be 0 or more, got {size}.")
-    n = len(records)
-    target = round(size * n) if size < 1 else int(size)
-    if size > 0:
-        target = max(target, 1)
-    if target == 0:
-        return list(records), []
-    if target >= n:
-        raise UserError(f"A held-out size of {size} leaves no training puzzles out of {n}. Use a "
-                        "smaller fraction (e.g. 0.1) or count.")
-    rng = random.Random(seed)
-    groups: dict[Any, list[int]] = {}
-    for i, rec in enumerate(records):
-        groups.setdefault(rec.get(group_key), []).append(i)
-    held: set[int] = set()
-    if len(groups) >= 3 and None not in groups:
-        order = sorted(groups, key=str)
-        rng.shuffle(order)
-        for g in order[:-1]:  # at least one group always stays in training
-            if len(held) >= target:
-                break
-            held.update(groups[g])
-    else:
-        held = set(rng.sample(range(n), target))
-    train = [r for i, r in enumerate(records) if i not in held]
-    val = [r for i, r in enumerate(records) if i in held]
-    return train, val
 
 
 def sft_examples(records: Sequence[dict[str, Any]], targets: Sequence[str]) -> list[dict[str, Any]]:
@@ -379,38 +321,3 @@ def sort_adapter_module_lists(path: Path) -> None:
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-# -- a base model for offline use ----------------------------------------------------------
-@dataclass
-class InitModelResult:
-    out: Path
-    parameters: int
-    vocab_size: int
-    n_texts: int
-
-
-def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = False,
-                    progress: Progress | None = None) -> InitModelResult:
-    """A from-scratch tiny Qwen2 whose tokenizer is trained on the split's chat texts.
-
-    The texts are the system, user and assistant messages of `data`; tiny_model adds the answer
-    tags and the chat template. The result is an ordinary model folder for `sft --model`.
-    """
-    import json
-
-    from cellpuzzle_cli.tiny_model import TinyModelConfig, build_tiny_model
-
-    records = read_training_records(data)
-    texts = [str(r[k]) for r in records for k in ("system_msg", "user_msg", "assistant_msg")
-             if r.get(k)]
-    if progress:
-        progress(0, total=1, description="init-model")
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        params = build_tiny_model(tmp, texts, TinyModelConfig(seed=seed))
-        write_json(tmp / "init-model.json", {"kind": "tiny", "data": str(Path(data).resolve()),
-                                             "seed": seed, **asdict(TinyModelConfig(seed=seed))})
-        vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
-    if progress:
-        progress(1)
-    return InitModelResult(out=Path(out), parameters=params, vocab_size=vocab, n_texts=len(texts))

@@ -8,9 +8,10 @@ chat template, generation config): every command treats it like any downloaded m
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
 
 EOS = "<|im_end|>"
@@ -87,3 +88,38 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfi
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class InitModelResult:
+    out: Path
+    parameters: int
+    vocab_size: int
+    n_texts: int
+
+
+def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = False,
+                    progress: Progress | None = None) -> InitModelResult:
+    """A from-scratch tiny Qwen2 whose tokenizer is trained on the split's chat texts.
+
+    The texts are the system, user and assistant messages of `data`; tiny_model adds the answer
+    tags and the chat template. The result is an ordinary model folder for `sft --model`.
+    """
+    import json
+
+    from cellpuzzle_cli.splitting import read_training_records
+
+    records = read_training_records(data)
+    texts = [str(r[k]) for r in records for k in ("system_msg", "user_msg", "assistant_msg")
+             if r.get(k)]
+    if progress:
+        progress(0, total=1, description="init-model")
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        config = TinyModelConfig(seed=seed)
+        params = build_tiny_model(tmp, texts, config)
+        write_json(tmp / "init-model.json", {"kind": "tiny", "data": str(Path(data).resolve()),
+                                             "seed": seed, **asdict(config)})
+        vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
+    if progress:
+        progress(1)
+    return InitModelResult(out=Path(out), parameters=params, vocab_size=vocab, n_texts=len(texts))

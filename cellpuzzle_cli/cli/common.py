@@ -83,6 +83,16 @@ def start() -> float:
     return time.time()
 
 
+def quiet_libraries() -> None:
+    """Our progress bar replaces the libraries' own bars and info logs."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: float | None = None,
                  unit: str = "") -> Iterator[Callable[..., None]]:

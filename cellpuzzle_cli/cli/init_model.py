@@ -42,7 +42,7 @@ def init_model(
     if not tiny:
         raise UserError("init-model only builds tiny models so far: pass --tiny. To fine-tune a "
                         "real model, give its folder to `cellpuzzle sft --model`.")
-    from cellpuzzle_cli.sft import init_tiny_model
+    from cellpuzzle_cli.tiny_model import init_tiny_model
 
     started = start()
     train = input_or_latest(ctx, data, "split", "training data (--data)", name="train")

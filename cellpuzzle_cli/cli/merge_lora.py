@@ -15,6 +15,7 @@ from cellpuzzle_cli.cli.common import (
     input_or_latest,
     manifest,
     progress_bar,
+    quiet_libraries,
     record,
     start,
 )
@@ -40,35 +41,20 @@ def merge_lora(
 
     Example: cellpuzzle merge-lora adapter -o sft-model
     """
-    from cellpuzzle_cli.cli.sft import quiet_libraries
-    from cellpuzzle_cli.lora import (
-        check_adapter,
-        merge_adapter,
-        recorded_base,
-        resolve_base,
-        up_to_date,
-    )
-    from cellpuzzle_cli.manifest import describe
+    from cellpuzzle_cli.lora import merge_adapter, plan_merge
 
     started = start()
-    ledger = manifest(ctx)
     adapter = input_or_latest(ctx, adapter, "sft", "adapter", name="adapter")
-    check_adapter(adapter)
-    base_model = resolve_base(adapter, base, recorded_base(ledger, adapter))
-    inputs = [Artifact(adapter, "adapter")]
-    if Path(base_model).exists():
-        inputs.append(Artifact(Path(base_model), "base_model"))
-    if output.exists() and not overwrite:
-        now = {a.name: describe(a.path) for a in inputs}
-        if up_to_date(ledger.entries(), ledger.relative, now, output, describe(output)):
-            console.print(f"[bold]{output} is up to date[/bold]: merged from the same adapter "
-                          "and base model, unchanged since. Nothing to do.")
-            return
+    plan = plan_merge(manifest(ctx), adapter, base, output, overwrite)
+    if plan.up_to_date:
+        console.print(f"[bold]{output} is up to date[/bold]: merged from the same adapter "
+                      "and base model, unchanged since. Nothing to do.")
+        return
     quiet_libraries()
     with progress_bar("merge-lora") as update:
-        result = merge_adapter(adapter, output, base_model, overwrite=overwrite,
+        result = merge_adapter(adapter, output, plan.base, overwrite=overwrite,
                                trust_remote_code=trust_remote_code, progress=update)
     console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
                   f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")
-    record(ctx, "merge-lora", {"adapter": adapter, "base": base_model, "overwrite": overwrite},
-           started, inputs, [Artifact(output, "model")])
+    record(ctx, "merge-lora", {"adapter": adapter, "base": plan.base, "overwrite": overwrite},
+           started, plan.inputs, [Artifact(output, "model")])

@@ -16,20 +16,11 @@ from cellpuzzle_cli.cli.common import (
     console,
     input_or_latest,
     progress_bar,
+    quiet_libraries,
     record,
     start,
 )
 from cellpuzzle_cli.manifest import Artifact
-
-
-def quiet_libraries() -> None:
-    """Our progress bar replaces the libraries' own bars and info logs."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def sft(

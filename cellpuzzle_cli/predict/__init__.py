@@ -10,7 +10,6 @@ gets `prediction: null` and the error, never the error text as its answer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import orjson
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import write_json
+from cellpuzzle_cli.io import Progress, write_json
 from cellpuzzle_cli.predict.backends import make_backend, model_label, resolve_backend
 from cellpuzzle_cli.predict.base import Backend, Generation
 from cellpuzzle_cli.predict.records import (
@@ -50,7 +49,6 @@ RETRYABLE = (RuntimeError, MemoryError, ValueError)
 _ANSWER_KEYS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "n", "seed", "dtype")
 _MAX_ERROR_CHARS = 500
 
-Progress = Callable[..., None]
 
 
 @dataclass

@@ -199,7 +199,7 @@ def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, P
     if req.dry_run:
         return result
     _check_files(st, [S.TRAIN_KEY, S.MODEL_KEY])
-    trained = trl_backend.run_grpo(st, output, overwrite=req.overwrite, progress=progress)
+    trained = trl_backend.run_grpo(st, tplan, output, overwrite=req.overwrite, progress=progress)
     result.steps, result.rewards = trained.steps, trained.rewards
     if trained.dropped_prompts:
         result.notes.append(f"{trained.dropped_prompts} prompt(s) longer than "

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.io import Progress
 from cellpuzzle_cli.rl.settings import MODEL_KEY, TRAIN_KEY, RLSettings
-
-Progress = Callable[..., None]
 
 # verl's actor.loss_agg_mode -> TRL's loss_type (same normalisation of the token losses).
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo",
@@ -177,10 +176,9 @@ class _RewardRecorder:
         return rewards
 
 
-def run_grpo(settings: RLSettings, output: Path, overwrite: bool = False,
+def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool = False,
              progress: Progress | None = None) -> TrlResult:
     """Train with TRL's GRPOTrainer; the final model appears in `output` atomically."""
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -188,8 +186,6 @@ def run_grpo(settings: RLSettings, output: Path, overwrite: bool = False,
     from cellpuzzle_cli.io import atomic_output_dir, write_json, write_jsonl
     from cellpuzzle_cli.reward import make_trl_reward
 
-    use_cpu = not torch.cuda.is_available()
-    tplan = build_plan(settings, use_cpu)
     model_dir = Path(tplan.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"The model '{model_dir}' is not a Hugging Face model folder (no "
