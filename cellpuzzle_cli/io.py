@@ -26,6 +26,24 @@ Progress = Callable[..., None]
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
 
 
+def labelled(progress: Progress | None, label: str) -> Progress | None:
+    """`progress` that shows `label` from its first update on (a bar appears only once work
+    starts, so a run that fails while checking its input shows just the error)."""
+    if progress is None:
+        return None
+    first = True
+
+    def update(advance: float = 1, total: float | None = None,
+               description: str | None = None) -> None:
+        nonlocal first
+        if first and description is None:
+            description = label
+        first = False
+        progress(advance, total=total, description=description)
+
+    return update
+
+
 def dumps_line(record: dict[str, Any]) -> bytes:
     """One JSONL line; sorted keys would reorder the contract's columns, so keep insertion order."""
     return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"

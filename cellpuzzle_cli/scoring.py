@@ -42,7 +42,6 @@ PM_DEFINITION = {
     "format_legitimacy": "sqrt(p(1-p)/count), as Cell-o1 prints it",
     "uniqueness": "sample std (ddof=1) of per-prediction uniqueness, as Cell-o1 prints it",
 }
-SHARD_NAME = "shard-{i}-of-{n}.jsonl"
 _LENGTH_CHUNK = 2048  # texts held at once while streaming a run
 
 
@@ -453,42 +452,82 @@ def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
     return ScoreResult(reports, unit)
 
 
-# -- the latest predict run from the manifest ----------------------------------------------
+# -- the command -------------------------------------------------------------------------
 @dataclass
-class ManifestShards:
-    output_dir: str
-    num_shards: int
-    files: list[Path]
-    missing: list[int]
+class ScoreRequest:
+    """What `cellpuzzle score` was asked; no `predictions` means the latest predict run."""
+
+    predictions: list[Path] = field(default_factory=list)
+    json_out: Path | None = None
+    plot: Path | None = None
+    reference: Path | None = None
+    tokenizer: Path | None = None
+    cello1_compat: bool = False
+    partial: bool = False
+    bootstrap: int = 1000
+    seed: int = 0
 
 
-def shards_from_manifest(manifest: Any) -> ManifestShards:
-    """Shard files of the latest `predict` run, and which shards have not completed."""
-    latest = manifest.latest("predict")
-    if latest is None:
-        raise UserError(f"No predictions given and the manifest {manifest.path} records no "
-                        "`predict` run. Pass prediction files or folders, or run `cellpuzzle "
-                        "predict` first.")
-    params = latest.get("params") or {}
-    output_dir, num_shards = params.get("output_dir"), params.get("num_shards") or 1
-    if output_dir is None:
-        raise UserError(f"The latest `predict` entry in {manifest.path} names no output_dir. Pass "
-                        "the prediction folder explicitly.")
-    found: dict[int, Path] = {}
-    names = {SHARD_NAME.format(i=i, n=num_shards): i for i in range(num_shards)}
-    for entry in manifest.entries():
-        p = entry.get("params") or {}
-        if (entry.get("command") != "predict" or not p.get("complete")
-                or p.get("output_dir") != output_dir or (p.get("num_shards") or 1) != num_shards):
-            continue
-        for out in entry.get("outputs", []):
-            i = names.get(Path(out["path"]).name)
-            if out.get("name") == "predictions" and i is not None:
-                path = manifest.resolve(out["path"])
-                if path.exists():
-                    found[i] = path
-    missing = [i for i in range(num_shards) if i not in found]
-    return ManifestShards(str(output_dir), int(num_shards), [found[i] for i in sorted(found)], missing)
+@dataclass
+class ScoreOutcome:
+    result: ScoreResult
+    notes: list[str]
+    warnings: list[str]
+    record: Any  # manifest.RunRecord
+
+
+def _runs_from_manifest(manifest: Any, partial: bool) -> tuple[list[RunInput], list[str], list[str]]:
+    """Every shard of the latest predict run; an incomplete set only with `partial`."""
+    shards = manifest.predict_shards()
+    warnings = []
+    if shards.missing:
+        listed = ", ".join(str(i) for i in shards.missing)
+        if not partial or not shards.files:
+            raise UserError(
+                f"The latest `predict` run ({shards.output_dir}, {shards.num_shards} shard(s)) is "
+                f"incomplete: shard(s) {listed} of {shards.num_shards} have no finished entry in "
+                f"{manifest.path}. Run them (`cellpuzzle predict --shard i/{shards.num_shards} …`), "
+                "or pass --partial to score the finished shards only.")
+        warnings.append(f"Scoring {len(shards.files)} of {shards.num_shards} shards; missing: "
+                        f"{listed}.")
+    notes = [f"Using predictions from the manifest: {shards.output_dir}"]
+    run = RunInput(Path(shards.output_dir).name or "predictions", shards.files, strict=True)
+    return [run], notes, warnings
+
+
+def score(req: ScoreRequest, manifest: Any) -> ScoreOutcome:
+    """Score the given runs (or the latest predict run), write --json/--plot, say what to record."""
+    from cellpuzzle_cli.manifest import Artifact, RunRecord
+
+    if req.predictions:
+        runs, notes, warnings = collect_files(req.predictions), [], []
+        input_paths = list(req.predictions)
+    else:
+        runs, notes, warnings = _runs_from_manifest(manifest, req.partial)
+        input_paths = runs[0].files
+    result = score_runs(runs, cello1_compat=req.cello1_compat, tokenizer=req.tokenizer,
+                        reference=req.reference, resamples=req.bootstrap, seed=req.seed)
+    outputs = []
+    if req.json_out is not None:
+        from cellpuzzle_cli.io import write_json
+
+        write_json(req.json_out, result.to_json())
+        outputs.append(Artifact(req.json_out, "report"))
+    if req.plot is not None:
+        plot_by_n(result.reports, req.plot)
+        outputs.append(Artifact(req.plot, "plot"))
+    params = {"runs": [r.name for r in runs], "cello1_compat": req.cello1_compat,
+              "tokenizer": req.tokenizer, "reference": req.reference, "partial": req.partial,
+              "bootstrap": req.bootstrap, "seed": req.seed, "json": req.json_out,
+              "plot": req.plot, "prediction_length_unit": result.length_unit}
+    summary = {r.name: {k: r.overall[k] for k in ("count", "cell_accuracy", "exact_match",
+                                                  "format_legitimacy", "uniqueness", "errors")}
+               for r in result.reports}
+    inputs = [Artifact(p, "predictions") for p in input_paths]
+    if req.reference is not None:
+        inputs.append(Artifact(req.reference, "reference"))
+    return ScoreOutcome(result, notes, warnings,
+                        RunRecord(params, inputs, outputs, {"summary": summary}))
 
 
 # -- plot ----------------------------------------------------------------------------------

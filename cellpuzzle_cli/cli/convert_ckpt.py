@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
-    RL_COMMANDS,
     OutputDir,
     Overwrite,
     console,
@@ -17,7 +16,7 @@ from cellpuzzle_cli.cli.common import (
     record,
     start,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 
 def convert_ckpt(
@@ -38,8 +37,8 @@ def convert_ckpt(
     """
     from cellpuzzle_cli.checkpoint import convert_checkpoint
 
-    started = start()
-    ckpt = input_or_latest(ctx, checkpoint, RL_COMMANDS, "checkpoint", name="checkpoints")
+    started = start(ctx)
+    ckpt = input_or_latest(ctx, checkpoint, Kind.CHECKPOINTS, "checkpoint")
     with progress_bar("convert-ckpt") as update:
         result = convert_checkpoint(ckpt, output, dtype=dtype, overwrite=overwrite, progress=update)
     console.print(f"[green]Converted[/green] {result.actor_dir} ({result.world_size} rank(s)) -> "

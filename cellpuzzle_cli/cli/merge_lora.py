@@ -19,7 +19,7 @@ from cellpuzzle_cli.cli.common import (
     record,
     start,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 
 def merge_lora(
@@ -43,8 +43,8 @@ def merge_lora(
     """
     from cellpuzzle_cli.lora import merge_adapter, plan_merge
 
-    started = start()
-    adapter = input_or_latest(ctx, adapter, "sft", "adapter", name="adapter")
+    started = start(ctx)
+    adapter = input_or_latest(ctx, adapter, Kind.ADAPTER, "adapter")
     plan = plan_merge(manifest(ctx), adapter, base, output, overwrite)
     if plan.up_to_date:
         console.print(f"[bold]{output} is up to date[/bold]: merged from the same adapter "

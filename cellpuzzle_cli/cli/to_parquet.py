@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
     OutputDir,
     Overwrite,
     Seed,
@@ -15,8 +16,10 @@ from cellpuzzle_cli.cli.common import (
     input_or_latest,
     record,
     start,
+    step_settings,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.rl_data import ToParquetSettings
 
 
 def to_parquet(
@@ -27,8 +30,9 @@ def to_parquet(
     output: OutputDir = Path("rl-data"),
     val_size: Annotated[float, typer.Option(
         "--val-size", help="Validation puzzles: a fraction (<1) or a count; whole donor groups "
-                           "when there are three or more.")] = 0.1,
-    seed: Seed = 0,
+                           "when there are three or more.")] = ToParquetSettings.val_size,
+    seed: Seed = ToParquetSettings.seed,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Training puzzles to verl's RL Parquet schema: train.parquet and val.parquet.
@@ -37,19 +41,17 @@ def to_parquet(
 
     Example: cellpuzzle to-parquet splits/train.jsonl -o rl-data --val-size 0.1
     """
-    from dataclasses import asdict
-
-    from cellpuzzle_cli.rl_data import ToParquetSettings
+    from cellpuzzle_cli.config import settings_dict
     from cellpuzzle_cli.rl_data import to_parquet as run
 
-    started = start()
-    data = input_or_latest(ctx, train, "split", "training data", name="train")
-    settings = ToParquetSettings(val_size=val_size, seed=seed)
+    started = start(ctx)
+    settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed)
+    data = input_or_latest(ctx, train, Kind.TRAIN_PUZZLES, "training data")
     result = run(data, output, settings, overwrite=overwrite)
     groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
               else " (random puzzles held out)" if result.n_val else "")
     console.print(f"[bold green]RL data written to {result.out}[/bold green]: "
                   f"{result.n_train} train, {result.n_val} val puzzles{groups}")
-    record(ctx, "to-parquet", {**asdict(settings), "data": data}, started,
+    record(ctx, "to-parquet", {**settings_dict(settings), "data": data}, started,
            [Artifact(data, "train")],
            [Artifact(result.train, "train"), Artifact(result.val, "val")])
