@@ -26,7 +26,7 @@ from typing import Annotated, Any, TypeVar
 
 import yaml
 
-from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.errors import UserError
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).parent / "configs"  # a link to the repository's configs/
@@ -111,14 +111,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 def load_yaml(path: Path | str, what: str = "config file") -> dict[str, Any]:
     """A YAML mapping from a file (safe loader: YAML tags cannot run code)."""
-    path = existing_path(path, what)
-    if path.is_dir():
-        raise UserError(f"The {what} '{path}' is a folder. Give the path of a YAML file.")
+    from cellpuzzle_cli.io import read_text
+
+    text = read_text(path, what)
     try:
-        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_Loader) or {}
-    except UnicodeDecodeError as exc:
-        raise UserError(f"The {what} '{path}' is not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start}). Save it as UTF-8.") from exc
+        data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({exc}).") from exc
     if not isinstance(data, dict):

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
+from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.manifest import Artifact, Manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
-CONFIG_NAME = "merge-lora.json"
 
 
 
@@ -99,8 +98,6 @@ def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = Fals
         merged.generation_config = generation
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / CONFIG_NAME, {"adapter": str(adapter.resolve()), "base": base,
-                                       "dtype": str(merged.dtype).removeprefix("torch.")})
     tick(1)
     params = sum(p.numel() for p in merged.parameters())
     return MergeResult(out=Path(out), adapter=adapter, base=base, parameters=params,
@@ -111,18 +108,14 @@ def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = Fals
 class MergePlan:
     base: str
     inputs: list[Artifact]
-    up_to_date: bool  # the output was merged from these very inputs and is unchanged since
 
 
-def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None, output: Path,
-               overwrite: bool) -> MergePlan:
-    """Which base to merge into, the run's inputs, and whether the work is already done."""
+def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None) -> MergePlan:
+    """Which base to merge into, and the run's inputs."""
     check_adapter(adapter)
     recorded = manifest.base_model_of(adapter) if base is None else None
     base_model = resolve_base(adapter, base, recorded)
     inputs = [Artifact(Path(adapter), "adapter")]
     if Path(base_model).exists():
         inputs.append(Artifact(Path(base_model), "base_model"))
-    current = (output.exists() and not overwrite
-               and manifest.is_up_to_date("merge-lora", output, inputs))
-    return MergePlan(base_model, inputs, current)
+    return MergePlan(base_model, inputs)

@@ -15,6 +15,7 @@ at once, so every update is read-modify-write under a file lock, written atomica
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -35,6 +36,7 @@ from cellpuzzle_cli.io import write_json
 
 SCHEMA = 1
 DEFAULT_PATH = Path("cellpuzzle.json")
+STAMP_FILE = ".cellpuzzle-run.json"  # a step's identity, inside the folder it published
 LOCK_TIMEOUT_S = 60
 _VERSIONED = ("numpy", "anndata", "scanpy", "pyarrow", "torch", "transformers", "peft", "trl",
               "verl", "vllm", "ray")
@@ -265,6 +267,61 @@ class PredictShards:
     missing: list[int]
 
 
+class Step:
+    """One run of a folder-writing step, from its checks to its manifest entry.
+
+    Its stamp (command, settings, input hashes) is written into the output folder as the folder
+    is published (`publishing`). Run again with the same settings on the same inputs, the step
+    recognises that folder as its own: `up to date` when the ledger records it unchanged, or
+    `unrecorded` when a kill struck between publishing and recording (then it is recorded
+    without redoing the work). Anything else is `new` work.
+    """
+
+    def __init__(self, manifest: Manifest, command: str, params: dict[str, Any],
+                 inputs: list[Artifact], outputs: list[Artifact], folder: Path):
+        self.manifest, self.command, self.folder = manifest, command, Path(folder)
+        self.params, self.inputs, self.outputs = jsonable(params), inputs, outputs
+        identity = {"command": command, "params": self.params,
+                    "inputs": sorted((a.name, manifest.input_hash(a)) for a in inputs)}
+        self.key = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def stamp(self) -> bytes:
+        return orjson.dumps({"key": self.key, "command": self.command}, option=orjson.OPT_INDENT_2)
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[None]:
+        """Folders published inside this block carry the stamp."""
+        from cellpuzzle_cli.io import PUBLISH_EXTRAS
+
+        token = PUBLISH_EXTRAS.set(((STAMP_FILE, self.stamp()),))
+        try:
+            yield
+        finally:
+            PUBLISH_EXTRAS.reset(token)
+
+    def state(self) -> str:
+        """`new`, `up to date` or `unrecorded` (see the class docstring)."""
+        try:
+            stamp = orjson.loads((self.folder / STAMP_FILE).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return "new"
+        if not isinstance(stamp, dict) or stamp.get("key") != self.key:
+            return "new"
+        wanted = {self.manifest.relative(a.path) for a in self.outputs}
+        mine = [e for e in self.manifest.entries() if e.extra.get("key") == self.key
+                and {o.path for o in e.outputs} == wanted]
+        if not mine:
+            return "unrecorded"
+        newest = {o.path: o.sha256 for o in mine[-1].outputs}
+        unchanged = all(describe(self.manifest.resolve(rel))["sha256"] == sha
+                        for rel, sha in newest.items())
+        return "up to date" if unchanged else "new"
+
+    def record(self, started: float, extra: dict[str, Any] | None = None) -> Entry:
+        return self.manifest.record(self.command, self.params, self.inputs, self.outputs,
+                                    started, extra={"key": self.key, **(extra or {})})
+
+
 class Manifest:
     """Read and append entries of one manifest file."""
 
@@ -357,22 +414,6 @@ class Manifest:
                             "made it.")
         return Resolved(found, True)
 
-    def is_up_to_date(self, command: str, output: Path, inputs: Iterable[Artifact]) -> bool:
-        """Whether the newest `command` run that wrote `output` read inputs with the same hashes,
-        and `output` is unchanged since (DVC's "up to date")."""
-        target = self.relative(output)
-        entry = next((e for e in self._newest([command])
-                      if any(o.path == target for o in e.outputs)), None)
-        if entry is None:
-            return False
-        recorded = {i.name: i.sha256 for i in entry.inputs}
-        for art in inputs:
-            now = describe(art.path).get("sha256")
-            if not now or recorded.get(art.name) != now:
-                return False
-        written = next(o for o in entry.outputs if o.path == target)
-        return describe(output).get("sha256") == written.sha256
-
     def predict_shards(self) -> PredictShards:
         """Shard files of the latest `predict` run, and which shards have not completed."""
         from cellpuzzle_cli.predict.shards import shard_filename
@@ -412,6 +453,15 @@ class Manifest:
         if key not in self._inputs:
             self._inputs[key] = describe(art.path)
         return {"name": art.name, "path": self.relative(art.path), **self._inputs[key]}
+
+    def input_hash(self, art: Artifact) -> str | None:
+        """An input's content hash, computed once per process."""
+        return self._input(art)["sha256"]
+
+    def step(self, command: str, params: dict[str, Any], inputs: Iterable[Artifact],
+             outputs: Iterable[Artifact], folder: Path) -> Step:
+        """A run of `command` about to write `folder` (see `Step`)."""
+        return Step(self, command, params, list(inputs), list(outputs), folder)
 
     def record(self, command: str, params: dict[str, Any], inputs: Iterable[Artifact],
                outputs: Iterable[Artifact], started: float, argv: list[str] | None = None,

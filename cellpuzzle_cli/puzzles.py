@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cellpuzzle_cli.answer import format_answer
 from cellpuzzle_cli.config import Count, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, write_jsonl
-from cellpuzzle_cli.prompts import format_answer, format_question
+from cellpuzzle_cli.prompts import format_question
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
     import numpy as np

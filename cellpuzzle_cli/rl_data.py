@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from cellpuzzle_cli.answer import answer_items
+from cellpuzzle_cli.answer import answer_items, format_answer
 from cellpuzzle_cli.config import Check, Seed, check_settings, save_settings
 from cellpuzzle_cli.io import atomic_output_dir
-from cellpuzzle_cli.prompts import format_answer, record_messages
+from cellpuzzle_cli.prompts import record_messages
 
 DATA_SOURCE = "cellpuzzle"
+TRAIN_FILE, VAL_FILE = "train.parquet", "val.parquet"
 ABILITY = "cell_type_annotation"
 
 
@@ -85,11 +86,11 @@ def to_parquet(data: Path, out: Path, settings: ToParquetSettings, overwrite: bo
     train, val = holdout(records, settings.val_size, settings.seed)
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        table = write_parquet(tmp / "train.parquet", rl_rows(train, "train", 0, settings.ability))
-        write_parquet(tmp / "val.parquet", rl_rows(val, "val", 0, settings.ability), like=table)
+        table = write_parquet(tmp / TRAIN_FILE, rl_rows(train, "train", 0, settings.ability))
+        write_parquet(tmp / VAL_FILE, rl_rows(val, "val", 0, settings.ability), like=table)
         save_settings(tmp, "to-parquet", settings)
     val_groups = {str(r.get("group")) for r in val if r.get("group") is not None}
     train_groups = {str(r.get("group")) for r in train if r.get("group") is not None}
     whole = sorted(val_groups) if val_groups and not val_groups & train_groups else []
-    return ToParquetResult(out=out, train=out / "train.parquet", val=out / "val.parquet",
+    return ToParquetResult(out=out, train=out / TRAIN_FILE, val=out / VAL_FILE,
                            n_train=len(train), n_val=len(val), val_groups=whole)

@@ -33,7 +33,7 @@ from cellpuzzle_cli.answer import (
     reward_from_verdict,
 )
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import find_files, read_records
+from cellpuzzle_cli.io import find_files, iter_jsonl, read_records
 
 METRICS = ("cell_accuracy", "exact_match", "format_legitimacy", "uniqueness")
 PM_DEFINITION = {
@@ -109,64 +109,8 @@ class Report:
 def _file_records(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a prediction file, streamed for JSONL so big runs need little memory."""
     if path.suffix.lower() == ".jsonl":
-        return _iter_jsonl_fast(path)
+        return iter_jsonl(path)
     return (r for r in read_records(path) if isinstance(r, dict))
-
-
-def _iter_jsonl_fast(path: Path, chunk_bytes: int = 1 << 20) -> Iterator[Any]:
-    """JSONL values, parsed about `chunk_bytes` at a time by one orjson call each.
-
-    JSON strings cannot hold a raw newline, so every newline separates records: turning the
-    newlines of a block into commas makes it one JSON array. A block that then does not parse
-    to one value per line (blank lines, bad JSON) is re-read line by line to name the bad line.
-    """
-    import orjson
-
-    lineno = 0
-    tail = b""
-    with open(path, "rb") as fh:
-        while True:
-            data = fh.read(chunk_bytes)
-            block = tail + data
-            if data:
-                cut = block.rfind(b"\n")
-                if cut < 0:
-                    tail = block
-                    continue
-                block, tail = block[:cut], block[cut + 1:]
-            else:
-                tail = b""
-            if not block.strip():
-                lineno += block.count(b"\n") + (1 if data else 0)
-                if not data:
-                    return
-                continue
-            lines = block.count(b"\n") + 1
-            try:
-                values = orjson.loads(b"[" + block.replace(b"\n", b",") + b"]")
-            except orjson.JSONDecodeError:
-                values = None
-            if values is None or len(values) != lines:
-                values = _parse_lines(path, block.split(b"\n"), lineno)
-            lineno += lines
-            yield from values
-            if not data:
-                return
-
-
-def _parse_lines(path: Path, lines: list[bytes], lineno: int) -> list[Any]:
-    import orjson
-
-    values = []
-    for k, line in enumerate(lines, lineno + 1):
-        if not line.strip():
-            continue
-        try:
-            values.append(orjson.loads(line))
-        except orjson.JSONDecodeError as exc:
-            raise UserError(f"{path}, line {k} is not valid JSON ({exc}). The file may be "
-                            "truncated or not JSONL; regenerate it or fix that line.") from exc
-    return values
 
 
 @dataclass

@@ -28,7 +28,6 @@ CellPuzzles field names (``system_msg``, ``user_msg``, ``assistant_msg``) with t
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from cellpuzzle_cli.config import Count, Seed, check_settings, one_of, save_settings
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import Progress, atomic_output_dir, read_records, write_jsonl
+from cellpuzzle_cli.io import (
+    Progress,
+    atomic_output_dir,
+    check_unique_ids,
+    read_records,
+    write_jsonl,
+)
 from cellpuzzle_cli.prompts import load_system_prompt
 from cellpuzzle_cli.puzzles import PUZZLES_FILE, seeded_rng
 
@@ -125,11 +130,8 @@ def load_puzzles(path: Path) -> list[dict[str, Any]]:
                             f"{hint} split needs the puzzles.jsonl written by `cellpuzzle "
                             "make-qa` (it carries the cell and donor ids a leakage-free split "
                             "needs).")
-    ids = [r["puzzle_id"] for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i, c in Counter(ids).items() if c > 1)
-        raise UserError(f"{path} lists puzzle '{dup}' more than once. Regenerate it with "
-                        "`cellpuzzle make-qa` instead of concatenating puzzle files.")
+    check_unique_ids((r["puzzle_id"] for r in records), path, "Regenerate it with `cellpuzzle "
+                     "make-qa` instead of concatenating puzzle files.")
     return records
 
 

@@ -11,8 +11,9 @@ import pytest
 from conftest import assert_user_error
 from puzzles_fixtures import TYPES, cell_rows, donors_dataset, write_cells
 
+from cellpuzzle_cli.answer import ANSWER_SEPARATOR
 from cellpuzzle_cli.config import build_config
-from cellpuzzle_cli.prompts import ANSWER_SEPARATOR, parse_question
+from cellpuzzle_cli.prompts import parse_question
 from cellpuzzle_cli.puzzles import PuzzleConfig, count_cell_sets, make_puzzles
 
 
@@ -159,7 +160,7 @@ def test_takes_the_latest_build_context_output_from_the_manifest(tmp_path, cli):
     assert "Using cells folder from the manifest" in result.output
     entry = Manifest(cli.manifest).latest("make-qa")
     assert entry.inputs[0].path == "cells"
-    assert entry.outputs[0].name == "puzzles" and entry.outputs[0].nfiles == 2
+    assert entry.outputs[0].name == "puzzles" and entry.outputs[0].nfiles == 3  # + settings, stamp
     assert Manifest(cli.manifest).latest_output(Kind.PUZZLES) == (tmp_path / "puzzles")
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_output_dir
-from cellpuzzle_cli.manifest import PRODUCES, Artifact, Kind, Manifest, describe
+from cellpuzzle_cli.manifest import PRODUCES, STAMP_FILE, Artifact, Kind, Manifest, describe
 
 
 def _append(path: str, i: int) -> None:
@@ -168,18 +168,35 @@ def test_recording_an_output_the_registry_does_not_know_fails(tmp_path):
                                               time.time())
 
 
-def test_base_model_of_an_adapter_and_up_to_date(tmp_path):
-    base, adapter, merged = (tmp_path / n for n in ("base", "adapter", "merged"))
-    for folder in (base, adapter, merged):
+def test_base_model_of_an_adapter(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    for folder in (base, adapter):
         folder.mkdir()
-        (folder / "w").write_text(folder.name)
     m = Manifest(tmp_path / "m.json")
     m.record("sft", {}, [Artifact(base, "base_model")], [Artifact(adapter, "adapter")], time.time())
     assert m.base_model_of(adapter) == base.resolve()
     assert m.base_model_of(base) is None
-    inputs = [Artifact(adapter, "adapter"), Artifact(base, "base_model")]
-    assert not m.is_up_to_date("merge-lora", merged, inputs)
-    m.record("merge-lora", {}, inputs, [Artifact(merged, "model")], time.time())
-    assert m.is_up_to_date("merge-lora", merged, inputs)
-    (adapter / "w").write_text("retrained")
-    assert not m.is_up_to_date("merge-lora", merged, inputs)
+
+
+def test_a_step_knows_its_own_output_recorded_or_not(tmp_path):
+    data, out = tmp_path / "in.txt", tmp_path / "out"
+    data.write_text("cells")
+    m = Manifest(tmp_path / "m.json")
+
+    def step(seed: int = 1):
+        return m.step("make-qa", {"seed": seed}, [Artifact(data, "cells")],
+                      [Artifact(out, "puzzles")], out)
+
+    assert step().state() == "new"
+    with step().publishing(), atomic_output_dir(out) as tmp:
+        (tmp / "puzzles.jsonl").write_text("{}")
+    assert (out / STAMP_FILE).is_file()
+    assert step().state() == "unrecorded"      # killed between publishing and recording
+    assert step(seed=2).state() == "new"       # other settings: not this run's output
+    step().record(time.time())
+    assert step().state() == "up to date"
+    (out / "puzzles.jsonl").write_text("edited")
+    assert step().state() == "new"             # changed since it was recorded
+    data.write_text("other cells")
+    assert Manifest(m.path).step("make-qa", {"seed": 1}, [Artifact(data, "cells")],
+                                 [Artifact(out, "puzzles")], out).state() == "new"

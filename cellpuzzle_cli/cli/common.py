@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord
+from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord, Step
 
 T = TypeVar("T")
 console = Console()
@@ -25,7 +25,11 @@ err_console = Console(stderr=True)
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 OptionalOutputDir = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
+_SEED_HELP = "Seed for every random choice (0 to 4294967295); same seed, same bytes."
+Seed = Annotated[int, typer.Option("--seed", help=_SEED_HELP)]
+# For config-driven commands, where the seed otherwise comes from the config's `seed` key.
+OptionalSeed = Annotated[int | None, typer.Option("--seed", help=_SEED_HELP + " Default: the "
+                                                  "config's seed key.", show_default=False)]
 ConfigFile = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML settings file, e.g. the <command>.yaml a previous run saved "
                            "beside its output; options and key=value overrides win over it.")]
@@ -80,6 +84,25 @@ def step_settings(ctx: typer.Context, cls: type[T], config: Path | None, **optio
         return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
     return build_config(cls, config, {k: v for k, v in options.items() if on_command_line(k)})
+
+
+def begin_step(ctx: typer.Context, command: str, params: dict[str, Any],
+               inputs: list[Artifact], outputs: list[Artifact], folder: Path,
+               overwrite: bool) -> Step | None:
+    """The step about to write `folder`, or None when that folder already holds this very run
+    (up to date, or finished but unrecorded because the run was killed: recorded now)."""
+    step = manifest(ctx).step(command, params, inputs, outputs, folder)
+    state = "new" if overwrite else step.state()
+    if state == "up to date":
+        console.print(f"[bold]{folder} is up to date[/bold]: this `{command}` run made it from the "
+                      "same inputs and settings, and it is unchanged since. Nothing to do.")
+        return None
+    if state == "unrecorded":
+        step.record(time.time(), {"recovered": True})
+        console.print(f"[bold]{folder} was already made[/bold] by an interrupted `{command}` run "
+                      "with these inputs and settings; it is recorded in the manifest now.")
+        return None
+    return step
 
 
 def start(ctx: typer.Context) -> float:

@@ -10,6 +10,7 @@ import typer
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
     OptionalOutputDir,
+    OptionalSeed,
     Overrides,
     Overwrite,
     TrustRemoteCode,
@@ -39,7 +40,7 @@ def predict(
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy (default).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per puzzle (needs --temperature > 0).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    seed: OptionalSeed = None,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Prompt + answer token limit; longer prompts become errors.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option("--tensor-parallel-size", help="vllm: GPUs per model copy.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option("--gpu-memory-utilization", help="vllm: fraction of GPU memory to use.")] = None,

@@ -12,15 +12,15 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     Seed,
+    begin_step,
     console,
     input_or_latest,
     progress_bar,
-    record,
     start,
     step_settings,
 )
 from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.splitting import SplitConfig
+from cellpuzzle_cli.splitting import TEST_FILE, TRAIN_FILE, SplitConfig
 
 
 def split(
@@ -64,14 +64,16 @@ def split(
                              test_fraction=test_fraction, max_test=max_test, seed=seed,
                              system_prompt_file=system_prompt_file)
     puzzles_path = input_or_latest(ctx, puzzles, Kind.PUZZLES, "puzzles")
-    with progress_bar("Splitting puzzles") as update:
+    outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / TEST_FILE, "test")]
+    step = begin_step(ctx, "split", {**settings_dict(settings), "puzzles": puzzles_path},
+                      [Artifact(puzzles_path, "puzzles")], outputs, output, overwrite)
+    if step is None:
+        return
+    with step.publishing(), progress_bar("Splitting puzzles") as update:
         result = split_puzzles(puzzles_path, output, settings, overwrite=overwrite,
                                progress=update)
     _print_summary(result)
-    record(ctx, "split", {**settings_dict(settings), "puzzles": puzzles_path}, started,
-           inputs=[Artifact(puzzles_path, "puzzles")],
-           outputs=[Artifact(result.train_path, "train"), Artifact(result.test_path, "test")],
-           extra={"summary": result.summary()})
+    step.record(started, {"summary": result.summary()})
 
 
 def _print_summary(result) -> None:

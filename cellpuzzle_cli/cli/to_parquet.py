@@ -12,14 +12,14 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     Seed,
+    begin_step,
     console,
     input_or_latest,
-    record,
     start,
     step_settings,
 )
 from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.rl_data import ToParquetSettings
+from cellpuzzle_cli.rl_data import TRAIN_FILE, VAL_FILE, ToParquetSettings
 
 
 def to_parquet(
@@ -47,11 +47,15 @@ def to_parquet(
     started = start(ctx)
     settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed)
     data = input_or_latest(ctx, train, Kind.TRAIN_PUZZLES, "training data")
-    result = run(data, output, settings, overwrite=overwrite)
+    outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / VAL_FILE, "val")]
+    step = begin_step(ctx, "to-parquet", {**settings_dict(settings), "data": data},
+                      [Artifact(data, "train")], outputs, output, overwrite)
+    if step is None:
+        return
+    with step.publishing():
+        result = run(data, output, settings, overwrite=overwrite)
     groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
               else " (random puzzles held out)" if result.n_val else "")
     console.print(f"[bold green]RL data written to {result.out}[/bold green]: "
                   f"{result.n_train} train, {result.n_val} val puzzles{groups}")
-    record(ctx, "to-parquet", {**settings_dict(settings), "data": data}, started,
-           [Artifact(data, "train")],
-           [Artifact(result.train, "train"), Artifact(result.val, "val")])
+    step.record(started)
