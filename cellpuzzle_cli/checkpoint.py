@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from cellpuzzle_cli.config import check_settings, one_of
-from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.errors import UserError, existing_path, unsafe_pickle_message
 from cellpuzzle_cli.io import Progress
 
 SHARD_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -135,11 +136,19 @@ def load_shard(path: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_safe_classes()):
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(unsafe_pickle_message(path)) from exc
     except Exception as exc:
-        raise UserError(f"{path} could not be loaded as a weights-only checkpoint shard ({exc}). "
-                        "It may be truncated, or hold objects other than tensors.") from exc
+        raise UserError(f"{path} could not be loaded as a checkpoint shard "
+                        f"({type(exc).__name__}). It may be truncated or not a torch file; copy "
+                        "it again.") from exc
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    odd = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise UserError(f"{path} holds entries that are not tensors ({', '.join(odd[:5])}), so it "
+                        "is not an FSDP model shard. Point convert-ckpt at the actor folder of a "
+                        "verl checkpoint (model_world_size_*_rank_*.pt).")
     return state
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
 import shutil
 import tempfile
@@ -135,8 +136,21 @@ def _parse_lines(path: Path, lines: list[bytes], lineno: int) -> list[Any]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records from a JSONL, JSON-array or Parquet file."""
+    """Records (JSON objects) from a JSONL, JSON-array or Parquet file."""
     path = existing_path(path)
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder, but a .jsonl, .json or .parquet file is expected "
+                        "there. Give the file's path.")
+    records = _read_any(path)
+    for i, rec in enumerate(records, 1):
+        if not isinstance(rec, dict):
+            raise UserError(f"Record {i} of {path} is a {type(rec).__name__}, not an object with "
+                            "named fields. Give a file of records, such as the ones cellpuzzle "
+                            "writes.")
+    return records
+
+
+def _read_any(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -186,18 +200,35 @@ def find_files(inputs: Iterable[Path], suffixes: tuple[str, ...], what: str) -> 
     """Expand files and folders (recursively) into `(file, root)` pairs, sorted and de-duplicated.
 
     `root` is the folder a file was found under (its own parent for a file given directly),
-    so callers can mirror the input layout in their output.
+    so callers can mirror the input layout in their output. Symlinked files and folders are
+    followed but keep the names they have under `root`, so outputs mirror the links.
     """
-    found: dict[Path, Path] = {}
+    found: dict[Path, tuple[Path, Path]] = {}
     for raw in inputs:
         p = existing_path(raw, what)
+        named = Path(os.path.abspath(p))
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in suffixes and not f.name.startswith("."):
-                    found.setdefault(f.resolve(), p.resolve())
+            for f in _walk(named):
+                if f.suffix.lower() in suffixes and not f.name.startswith("."):
+                    found.setdefault(f.resolve(), (f, named))
         else:
-            found.setdefault(p.resolve(), p.resolve().parent)
-    return sorted(found.items())
+            found.setdefault(p.resolve(), (named, named.parent))
+    return sorted(found.values())
+
+
+def _walk(root: Path) -> list[Path]:
+    """Files below `root`, following symlinked folders once each (no loops)."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        files.extend(Path(folder) / n for n in sorted(names) if os.path.isfile(Path(folder) / n))
+    return files
 
 
 # Files every folder published in this context also gets (the manifest's run stamp: see
@@ -250,8 +281,15 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
                         "folder with -o, or pass --overwrite to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}.", suffix=_PARTIAL,
-                                dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}.",
+                                    suffix=_PARTIAL, dir=path.parent))
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise UserError(f"The output name '{path.name}' is too long for the file system (it "
+                        "needs room for a temporary name beside it). Choose a shorter -o "
+                        "name.") from exc
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp

@@ -75,6 +75,28 @@ def parse_question(question: str) -> tuple[list[list[str]], list[str]]:
     return cells, items
 
 
+def check_answers(records: Sequence[dict[str, Any]], path: Path | str) -> None:
+    """Every gold answer uses each candidate of its question exactly once: a model trained on
+    anything else learns to break the puzzle's one rule."""
+    from collections import Counter
+
+    from cellpuzzle_cli.answer import answer_items
+    from cellpuzzle_cli.errors import UserError
+
+    for i, rec in enumerate(records, 1):
+        _, candidates = parse_question(record_question(rec))
+        if not candidates:
+            continue  # a layout without a candidate list: nothing to check against
+        items = answer_items(rec.get("assistant_msg") if rec.get("assistant_msg") is not None
+                             else rec.get("answer"))
+        if Counter(x.lower() for x in items) != Counter(c.lower() for c in candidates):
+            name = rec.get("puzzle_id") or f"record {i}"
+            raise UserError(f"Puzzle '{name}' in {path} answers '{' | '.join(items)}', which is "
+                            f"not its candidates ({', '.join(candidates)}) each used once. Fix or "
+                            "drop that puzzle; training on it would teach the model to break the "
+                            "puzzle's rule.")
+
+
 def chat_messages(system_msg: str | None, user_msg: str,
                   assistant_msg: str | None = None) -> list[dict[str, str]]:
     """Chat turns for a chat template; the assistant turn only when training."""

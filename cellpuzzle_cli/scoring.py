@@ -110,7 +110,7 @@ def _file_records(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a prediction file, streamed for JSONL so big runs need little memory."""
     if path.suffix.lower() == ".jsonl":
         return iter_jsonl(path)
-    return (r for r in read_records(path) if isinstance(r, dict))
+    return iter(read_records(path))
 
 
 @dataclass
@@ -392,6 +392,10 @@ def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
     reports = []
     for run in runs:
         j = judge_run(run.name, run.files, cello1_compat, lengths, ref, run.strict)
+        if ref is not None and not any(pid in ref for pid in j.puzzle_ids):
+            raise UserError(f"None of the {len(j.puzzle_ids)} predictions of run '{run.name}' "
+                            f"has a puzzle id from the reference {reference}, so they answer "
+                            "other puzzles. Pass the test split these predictions were made on.")
         reports.append(report(j, resamples, seed, cello1_compat, unit, ref))
     return ScoreResult(reports, unit)
 

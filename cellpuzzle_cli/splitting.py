@@ -42,7 +42,7 @@ from cellpuzzle_cli.io import (
     read_records,
     write_jsonl,
 )
-from cellpuzzle_cli.prompts import load_system_prompt
+from cellpuzzle_cli.prompts import check_answers, load_system_prompt
 from cellpuzzle_cli.puzzles import PUZZLES_FILE, seeded_rng
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
@@ -358,6 +358,7 @@ def read_training_records(path: Path, required: Sequence[str] = TRAINING_FIELDS)
                         f"has {', '.join(sorted(present)) or 'no fields'}. Training data needs "
                         "user_msg and assistant_msg (system_msg optional): use the train.jsonl "
                         "from `cellpuzzle split` or a CellPuzzles file.")
+    check_answers(records, path)
     return records
 
 

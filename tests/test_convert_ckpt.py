@@ -124,4 +124,7 @@ def test_code_in_a_shard_pickle_is_refused(ckpts, cli, tmp_path):
     (actor / "huggingface").mkdir(parents=True)
     shutil.copy(ckpts["tied"] / "config.json", actor / "huggingface" / "config.json")
     torch.save({"x": Path("/etc/passwd")}, actor / "model_world_size_1_rank_0.pt")
-    assert_user_error(cli("convert-ckpt", actor, "-o", tmp_path / "o"), "weights-only")
+    result = cli("convert-ckpt", actor, "-o", tmp_path / "o")
+    assert_user_error(result, "loading it could run code", "refused", "safetensors")
+    assert "weights_only=False" not in result.output and "weights_only` set" not in result.output
+    assert not (tmp_path / "o").exists()

@@ -5,29 +5,31 @@ from __future__ import annotations
 import os
 import sys
 
-from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.errors import EXIT_USER_ERROR, explain
 
 
-def _report(exc: UserError) -> None:
+def _report(message: str) -> None:
     from rich.markup import escape
     from rich.panel import Panel
 
     from cellpuzzle_cli.cli.common import err_console
 
-    err_console.print(Panel(escape(str(exc)), title="cellpuzzle: error", title_align="left",
+    err_console.print(Panel(escape(message), title="cellpuzzle: error", title_align="left",
                             border_style="red", expand=False))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user mistakes exit 2 with a message, tracebacks only with CELLPUZZLE_DEBUG=1."""
+    """Run the CLI. A failure the user can fix (see `errors.explain`) exits 2 with one paragraph;
+    a bug keeps its traceback. CELLPUZZLE_DEBUG=1 shows the traceback for both."""
     from cellpuzzle_cli.cli.app import app
 
     try:
         app(args=argv, prog_name="cellpuzzle")
-    except UserError as exc:
-        if os.environ.get("CELLPUZZLE_DEBUG") == "1":
-            raise
-        _report(exc)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        message = explain(exc)
+        if message is None or os.environ.get("CELLPUZZLE_DEBUG") == "1":
+            raise
+        _report(message)
+        sys.exit(EXIT_USER_ERROR)
