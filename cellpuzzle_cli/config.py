@@ -46,14 +46,14 @@ class Check:
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
         if self.low is not None and self.high is not None:
-            return f"between {self.low:,g} and {self.high:,g}"
+            return f"between {_number(self.low)} and {_number(self.high)}"
         parts = []
         if self.above is not None:
-            parts.append(f"greater than {self.above:g}")
+            parts.append(f"greater than {_number(self.above)}")
         if self.low is not None:
-            parts.append(f"at least {self.low:g}")
+            parts.append(f"at least {_number(self.low)}")
         if self.high is not None:
-            parts.append(f"at most {self.high:g}")
+            parts.append(f"at most {_number(self.high)}")
         return " and ".join(parts)
 
     def ok(self, value: Any) -> bool:
@@ -63,6 +63,10 @@ class Check:
             return False
         return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
                 and (self.above is None or value > self.above))
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
 
 
 def one_of(*choices: Any) -> Check:

@@ -287,8 +287,8 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     except OSError as exc:
         if exc.errno != errno.ENAMETOOLONG:
             raise
-        raise UserError(f"The output name '{path.name}' is too long for the file system (it "
-                        "needs room for a temporary name beside it). Choose a shorter -o "
+        raise UserError(f"The output name '{path.name}' is longer than the file system allows "
+                        "(it needs room for a temporary name beside it). Choose a shorter -o "
                         "name.") from exc
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
