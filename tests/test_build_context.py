@@ -307,7 +307,7 @@ def test_topk_threshold_guess_is_checked(monkeypatch):
     """Rows built so that sampling every 8th value overestimates the k-th largest."""
     import scipy.sparse as sp
 
-    from cellpuzzle_cli import context
+    from cellpuzzle_cli.context import topk as context
     from cellpuzzle_cli.context import topk_csr
 
     redone = []
@@ -336,7 +336,7 @@ def test_row_reader_matches_anndata(synth, inflater, monkeypatch):
 
     import anndata
 
-    from cellpuzzle_cli import context
+    from cellpuzzle_cli.context import rows as context
 
     if inflater == "zlib":
         monkeypatch.setattr(context, "_inflater",
