@@ -31,6 +31,9 @@ def score(
     partial: Annotated[bool, typer.Option(
         "--partial", help="With no input: score the finished shards even if some are missing.")] = False,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    label_ids: Annotated[Path | None, typer.Option(
+        "--label-ids", help="TSV of `label<TAB>CL term ID` for hierarchical metrics on data "
+                            "without ontology IDs.")] = None,
     seed: Seed = 0,
 ) -> None:
     """Cell-o1 metrics (cell accuracy, exact match, format legitimacy, uniqueness, length) for predictions.
@@ -70,7 +73,7 @@ def score(
         input_paths = shards.files
 
     result = score_runs(runs, cello1_compat=cello1_compat, tokenizer=tokenizer, reference=reference,
-                        resamples=bootstrap, seed=seed)
+                        resamples=bootstrap, seed=seed, label_ids=label_ids)
     outputs = []
     if json_out is not None:
         from cellpuzzle_cli.io import write_json
@@ -78,13 +81,14 @@ def score(
         write_json(json_out, result.to_json())
         outputs.append(Artifact(json_out, "report"))
     if plot is not None:
-        plot_by_n(result.reports, plot)
-        outputs.append(Artifact(plot, "plot"))
+        for path in plot_by_n(result.reports, plot):
+            outputs.append(Artifact(path, "plot"))
     _print(result)
 
     params: dict[str, Any] = {"runs": [r.name for r in runs], "cello1_compat": cello1_compat,
                               "tokenizer": tokenizer, "reference": reference, "partial": partial,
                               "bootstrap": bootstrap, "seed": seed, "json": json_out, "plot": plot,
+                              "label_ids": label_ids,
                               "prediction_length_unit": result.length_unit}
     summary = {r.name: {k: r.overall[k] for k in ("count", "cell_accuracy", "exact_match",
                                                   "format_legitimacy", "uniqueness", "errors")}
@@ -106,6 +110,8 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
 def _print(result: Any) -> None:
     from rich.table import Table
 
+    from cellpuzzle_cli.cli.score_tables import chance_cell, print_family_tables
+
     reports = result.reports
     table = Table(title=f"Scores (± as Cell-o1 reports it; [95% bootstrap CI]; prediction length in "
                         f"{result.length_unit})", title_justify="left")
@@ -126,13 +132,15 @@ def _print(result: Any) -> None:
     by_n.add_column("N", justify="right")
     for r in reports:
         by_n.add_column(r.name, justify="right")
+    by_n.add_column("chance", justify="right", style="dim")
     for n in sorted({k for r in reports for k in r.by_n}):
         row = []
         for r in reports:
             m = r.by_n.get(n)
             row.append(f"{m['cell_accuracy']:.3f} / {m['exact_match']:.3f} ({m['count']})" if m else "-")
-        by_n.add_row(str(n), *row)
+        by_n.add_row(str(n), *row, chance_cell(n))
     console.print(by_n)
+    print_family_tables(console, reports)
     for r in reports:
         if r.missing:
             shown = ", ".join(r.missing[:10]) + (" …" if len(r.missing) > 10 else "")

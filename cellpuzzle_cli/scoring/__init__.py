@@ -1,9 +1,11 @@
 """`score`: metrics over prediction files, one report per run, composed from metric families.
 
 The package keeps one family per module: `runs` (which files form a run, reading them),
-`judging` (every prediction against its gold answer), `cello1` (Cell-o1's summary metrics with
-"±", standard errors and bootstrap intervals) and `plot`. This module composes them into a
-`Report` per run; the names callers use are re-exported here.
+`judging` (every prediction against its gold answer, and every cell's gold/predicted pair),
+`cello1` (Cell-o1's summary metrics with "±", standard errors and bootstrap intervals),
+`chance` (a random one-to-one assignment), `per_type` (precision/recall/F1 per type, macro-F1,
+confusion matrix), `hierarchy` (Cell Ontology hierarchical metrics) and `plot`. This module
+composes them into a `Report` per run; the names callers use are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import numpy as np
 
 from cellpuzzle_cli.errors import existing_path
 from cellpuzzle_cli.scoring.cello1 import METRICS, PM_DEFINITION, summarise
+from cellpuzzle_cli.scoring.chance import chance
+from cellpuzzle_cli.scoring.hierarchy import Hierarchical, hierarchical, read_label_ids
 from cellpuzzle_cli.scoring.judging import Judged, judge_run, tokenizer_lengths, whitespace_words
+from cellpuzzle_cli.scoring.per_type import PerType, per_type
 from cellpuzzle_cli.scoring.plot import plot_by_n
 from cellpuzzle_cli.scoring.runs import (
     SHARD_NAME,
@@ -28,7 +33,8 @@ from cellpuzzle_cli.scoring.runs import (
     shards_from_manifest,
 )
 
-__all__ = ["METRICS", "PM_DEFINITION", "SHARD_NAME", "Judged", "ManifestShards", "Report",
+__all__ = ["METRICS", "PM_DEFINITION", "SHARD_NAME", "Hierarchical", "Judged", "ManifestShards",
+           "PerType", "Report",
            "RunInput", "ScoreResult", "collect_files", "judge_run", "load_reference",
            "plot_by_n", "report", "score_runs", "shards_from_manifest", "summarise",
            "tokenizer_lengths", "whitespace_words"]
@@ -47,6 +53,8 @@ class Report:
     length_unit: str = "whitespace words"
     cello1_compat: bool = False
     bootstrap: dict[str, int] = field(default_factory=dict)
+    per_type: PerType | None = None
+    hierarchical: Hierarchical | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.overall)
@@ -61,24 +69,35 @@ class Report:
         if self.missing is not None:
             out["missing"] = self.missing
             out["missing_count"] = len(self.missing)
+        if self.per_type is not None:
+            out["per_type"] = self.per_type.to_json()
+        if self.hierarchical is not None:
+            out["hierarchical"] = self.hierarchical.to_json()
         return out
 
 
 def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool = False,
            length_unit: str = "whitespace words",
-           reference: dict[str, dict[str, Any]] | None = None) -> Report:
+           reference: dict[str, dict[str, Any]] | None = None,
+           label_ids: dict[str, str] | None = None) -> Report:
+    """Every metric family for one judged run: overall, per N, per type and over the ontology."""
     rng = np.random.default_rng(seed)
     overall = summarise(j, None, rng, resamples)
     overall["errors"] = j.errors
+    overall.update(chance(j.n))
     by_n = {}
     for value in np.unique(j.n):
-        by_n[int(value)] = summarise(j, j.n == value, np.random.default_rng([seed, int(value)]), resamples)
+        mask = j.n == value
+        by_n[int(value)] = summarise(j, mask, np.random.default_rng([seed, int(value)]), resamples)
+        by_n[int(value)].update(chance(j.n[mask]))
     missing = None
     if reference is not None:
         have = {p for p in j.puzzle_ids if p is not None}
         missing = sorted(pid for pid in reference if pid not in have)
+    types = per_type(j.cells) if j.cells is not None else None
+    tree = hierarchical(j.cells, label_ids) if j.cells is not None else None
     return Report(j.name, overall, by_n, [str(f) for f in j.files], j.errors, missing, length_unit,
-                  cello1_compat, {"resamples": resamples, "seed": seed})
+                  cello1_compat, {"resamples": resamples, "seed": seed}, types, tree)
 
 
 @dataclass
@@ -94,13 +113,15 @@ class ScoreResult:
 
 def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
                tokenizer: Path | None = None, reference: Path | None = None,
-               resamples: int = 1000, seed: int = 0) -> ScoreResult:
-    """Judge and summarise each run."""
+               resamples: int = 1000, seed: int = 0,
+               label_ids: Path | None = None) -> ScoreResult:
+    """Judge and summarise each run; `label_ids` maps labels to CL terms (a TSV)."""
     lengths = tokenizer_lengths(tokenizer) if tokenizer is not None else None
     unit = f"tokens ({Path(tokenizer).name} tokenizer)" if tokenizer is not None else "whitespace words"
     ref = load_reference(existing_path(reference, "reference file")) if reference is not None else None
+    table = read_label_ids(label_ids) if label_ids is not None else None
     reports = []
     for run in runs:
         j = judge_run(run.name, run.files, cello1_compat, lengths, ref, run.strict)
-        reports.append(report(j, resamples, seed, cello1_compat, unit, ref))
+        reports.append(report(j, resamples, seed, cello1_compat, unit, ref, table))
     return ScoreResult(reports, unit)

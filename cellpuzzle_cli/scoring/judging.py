@@ -1,6 +1,6 @@
 """Judging a run: every prediction against its gold answer, as parallel arrays.
 
-Per prediction (via `answer.judge_lowered`): an illegitimate layout scores 0 correct of its N,
+Per prediction (via `answer.judge_items`): an illegitimate layout scores 0 correct of its N,
 not exact, uniqueness 0. Prediction length is counted in whitespace words or, with a local
 tokenizer, in tokens; texts are counted in blocks so a big run is never held in memory whole.
 """
@@ -17,8 +17,9 @@ import numpy as np
 
 from cellpuzzle_cli.answer import (
     Verdict,
+    answer_items,
     answer_items_lower,
-    judge_lowered,
+    judge_items,
     record_answer,
     reward_from_verdict,
 )
@@ -26,6 +27,51 @@ from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.scoring.runs import file_records
 
 _LENGTH_CHUNK = 2048  # texts held at once while streaming a run
+NO_ANSWER = -1        # a cell whose prediction has no item at its position
+IDS_FIELD = "cell_type_ids"   # ontology term IDs of the gold types, in cell order
+
+
+class CellPairs:
+    """(gold type, predicted type) of every cell, as integer codes into one label vocabulary.
+
+    Per-type and hierarchical metrics are functions of these pairs. Labels are compared
+    case-insensitively (as the Cell-o1 metrics are) and shown with the first gold spelling seen;
+    `term_ids` keeps the ontology ID each gold label came with, where records carry them.
+    """
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.names: list[str] = []
+        self.gold: list[int] = []
+        self.pred: list[int] = []
+        self.term_ids: dict[str, str] = {}
+
+    def _code(self, key: str, shown: str) -> int:
+        code = self.codes.get(key)
+        if code is None:
+            code = self.codes[key] = len(self.names)
+            self.names.append(shown)
+        return code
+
+    def add(self, gold_lower: list[str], gold_raw: Any, predicted: list[str],
+            term_ids: Any) -> None:
+        if any(g not in self.codes for g in gold_lower):
+            shown = answer_items(gold_raw)
+            if len(shown) != len(gold_lower):
+                shown = gold_lower
+            for key, label in zip(gold_lower, shown):
+                self._code(key, label)
+        codes = self.codes
+        self.gold.extend(codes[g] for g in gold_lower)
+        self.pred.extend(self._code(p, p) for p in predicted[:len(gold_lower)])
+        self.pred.extend([NO_ANSWER] * (len(gold_lower) - len(predicted)))
+        if isinstance(term_ids, list) and len(term_ids) == len(gold_lower):
+            for key, term in zip(gold_lower, term_ids):
+                if term:
+                    self.term_ids.setdefault(key, str(term))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.gold, dtype=np.int32), np.asarray(self.pred, dtype=np.int32)
 
 
 @dataclass
@@ -43,6 +89,7 @@ class Judged:
     n_distinct: np.ndarray
     length: np.ndarray
     errors: int
+    cells: CellPairs | None = None
 
     @property
     def uniqueness(self) -> np.ndarray:
@@ -74,6 +121,7 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
     texts: list[str] = []
     used: list[Path] = []
     errors = 0
+    cells = CellPairs()
     count_lengths = lengths or whitespace_words
     for path in files:
         records = file_records(path)
@@ -98,15 +146,17 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
                                     "separately (one folder per run, e.g. `cellpuzzle score runA/ "
                                     "runB/`) or remove the duplicate shard.")
                 owner[pid] = path
+            ref = reference.get(pid) if reference is not None and pid is not None else None
             gold_raw = record_answer(rec)
-            if gold_raw is None and reference is not None and pid in reference:
-                gold_raw = record_answer(reference[pid])
+            if gold_raw is None and ref is not None:
+                gold_raw = record_answer(ref)
             gold = answer_items_lower(gold_raw)
             if not gold:
                 raise UserError(f"Record {i + 1} of {path} has no gold answer (`answer` or "
                                 "`assistant_msg`). Pass --reference with the test split to take "
                                 "answers from it.")
             text = rec.get("prediction")
+            predicted: list[str] = []
             if text is None or rec.get("error") is not None:
                 errors += 1
                 text = ""
@@ -114,7 +164,12 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
             else:
                 if not isinstance(text, str):
                     text = str(text)
-                rows.append((*judge_lowered(text, gold, cello1_compat), len(gold)))
+                verdict, predicted = judge_items(text, gold, cello1_compat)
+                rows.append((*verdict, len(gold)))
+            term_ids = rec.get(IDS_FIELD)
+            if term_ids is None and ref is not None:
+                term_ids = ref.get(IDS_FIELD)
+            cells.add(gold, gold_raw, predicted, term_ids)
             texts.append(text)
             ids.append(pid)
             if len(texts) >= _LENGTH_CHUNK:
@@ -127,7 +182,7 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
                         "Give prediction JSONL files (field `prediction`) or folders of them.")
     arr = np.array(rows, dtype=np.int64).reshape(len(rows), 6)
     return Judged(name, used, ids, arr[:, 5], arr[:, 1], arr[:, 2].astype(bool), arr[:, 0].astype(bool),
-                  arr[:, 3], arr[:, 4], np.concatenate(length_parts), errors)
+                  arr[:, 3], arr[:, 4], np.concatenate(length_parts), errors, cells)
 
 
 # Byte table: 1 for the ASCII characters `str.split()` treats as whitespace
