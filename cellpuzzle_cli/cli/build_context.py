@@ -29,6 +29,10 @@ def build_context(
     cell_type_col: Annotated[str, typer.Option(
         "--cell-type-col", help="obs column with the cell type (the puzzle's answer).")]
     = "cell_type",
+    cell_type_id_col: Annotated[str | None, typer.Option(
+        "--cell-type-id-col", help="obs column with the cell type's ontology ID, kept for "
+                                   "ontology-aware scoring. Default: cell_type_ontology_term_id "
+                                   "when present.", show_default=False)] = None,
     donor_col: Annotated[str | None, typer.Option(
         "--donor-col", help="obs column with the donor. Default: donor_id when present, else "
                             "each file is one donor group (with a warning).",
@@ -70,7 +74,8 @@ def build_context(
     from cellpuzzle_cli.manifest import Artifact
 
     started = start()
-    config = ContextConfig(top_genes=top_genes, cell_type_col=cell_type_col, donor_col=donor_col,
+    config = ContextConfig(top_genes=top_genes, cell_type_col=cell_type_col,
+                           cell_type_id_col=cell_type_id_col, donor_col=donor_col,
                            batch_col=batch_col, gene_col=gene_col, max_cells=max_cells, seed=seed,
                            workers=workers if workers is not None else default_workers(),
                            context_config=context_config)
@@ -78,7 +83,8 @@ def build_context(
         result = run(inputs, output, config, overwrite=overwrite, progress=update)
     _print_summary(result)
     params = {"inputs": [str(p) for p in inputs], "output": str(output), "top_genes": top_genes,
-              "cell_type_col": cell_type_col, "donor_col": donor_col, "batch_col": batch_col,
+              "cell_type_col": cell_type_col, "cell_type_id_col": cell_type_id_col,
+              "donor_col": donor_col, "batch_col": batch_col,
               "gene_col": gene_col, "max_cells": max_cells, "seed": seed,
               "workers": config.workers, "context_config": context_config}
     record(ctx, "build-context", params, started,

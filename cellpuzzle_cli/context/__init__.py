@@ -38,6 +38,7 @@ from cellpuzzle_cli.context.fields import (
     load_context_fields,
 )
 from cellpuzzle_cli.context.h5ad import PROBE_ROWS, MatrixSpec
+from cellpuzzle_cli.context.labels import is_resolved_note
 from cellpuzzle_cli.context.plan import FilePlan, FileReport, check_unique_outputs, plan_file
 from cellpuzzle_cli.context.rows import _inflater, close_cached_files, topk_task
 from cellpuzzle_cli.context.settings import ContextConfig
@@ -138,6 +139,7 @@ def build_context(inputs: list[Path], out_dir: Path, config: ContextConfig | Non
             if pool is None and min(config.workers, chunks) > 1:
                 workers = min(config.workers, chunks)
                 pool = _pool(workers)
+            _say_once(plans)
             _run(plans, field_columns, config.top_genes, pool, 2 * workers + 2, progress)
         finally:
             if pool is not None:
@@ -157,6 +159,7 @@ def _run(plans: list[FilePlan], field_columns: list[str], k: int, pool: Any, dep
                 yield ((i, a, b), plan.in_memory is not None, topk_task,
                        (plan.matrix, plan.kept[a:b], k, plan.in_memory))
 
+    with_ids = any(p.cell_type_ids is not None for p in plans)
     writers: dict[int, TableWriter] = {}
     negatives: dict[int, int] = {}
     last_done = time.perf_counter()   # files finish in order: a file's time is since the last
@@ -164,7 +167,7 @@ def _run(plans: list[FilePlan], field_columns: list[str], k: int, pool: Any, dep
         for (i, a, b), (lengths, genes, neg) in _ordered(jobs(), pool, depth):
             plan = plans[i]
             if i not in writers:
-                writers[i] = TableWriter(plan, field_columns)
+                writers[i] = TableWriter(plan, field_columns, with_ids)
             writers[i].write(a, b, lengths, genes)
             negatives[i] = negatives.get(i, 0) + neg
             if progress:
@@ -180,6 +183,20 @@ def _run(plans: list[FilePlan], field_columns: list[str], k: int, pool: Any, dep
     finally:
         for w in writers.values():
             w.close()
+
+
+def _say_once(plans: list[FilePlan]) -> None:
+    """A note several files share (labels read from ontologies) stays on the first file only."""
+    seen: set[str] = set()
+    for plan in plans:
+        kept = []
+        for note in plan.report.warnings:
+            if is_resolved_note(note):
+                if note in seen:
+                    continue
+                seen.add(note)
+            kept.append(note)
+        plan.report.warnings[:] = kept
 
 
 def _params_record(inputs: list[Path], config: ContextConfig, fields: ContextFields,

@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cellpuzzle_cli.context.fields import ContextFields, render_contexts
+from cellpuzzle_cli.context.fields import ContextFields, Field, render_contexts
 from cellpuzzle_cli.context.h5ad import (
     Coded,
     Frame,
@@ -24,6 +24,7 @@ from cellpuzzle_cli.context.h5ad import (
     gene_names,
     open_h5ad,
 )
+from cellpuzzle_cli.context.labels import cell_type_terms, labels_from_terms, resolved_note
 from cellpuzzle_cli.context.settings import ContextConfig
 from cellpuzzle_cli.errors import UserError
 
@@ -73,6 +74,7 @@ class FilePlan:
     context: Coded
     chunk_cells: int
     in_memory: Any = None            # scipy CSR when the file stores X column-wise
+    cell_type_ids: Coded | None = None   # ontology term IDs, where the file has them
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         for a in range(0, self.kept.size, self.chunk_cells):
@@ -98,7 +100,11 @@ def plan_file(path: Path, root: Path, config: ContextConfig, fields: ContextFiel
     opened = open_h5ad(path)
     try:
         obs = opened.obs
-        cell_type = _required_column(obs, config.cell_type_col, path, "--cell-type-col")
+        texts, file_fields = fields.for_dataset(dataset)
+        cell_type, field_codes, resolved = _labelled(obs, config, file_fields, path)
+        if resolved:
+            warnings.append(resolved_note(resolved))
+        term_ids = cell_type_terms(obs, config.cell_type_id_col, path)
         if config.cell_type_col in fields.columns():
             raise UserError(f"The context fields ({fields.source}) include the cell-type column "
                             f"'{config.cell_type_col}', which would put the answer in the "
@@ -121,9 +127,6 @@ def plan_file(path: Path, root: Path, config: ContextConfig, fields: ContextFiel
         batch = None
         if config.batch_col is not None:
             batch = _required_column(obs, config.batch_col, path, "--batch-col")
-        texts, file_fields = fields.for_dataset(dataset)
-        field_codes = {f.column: obs.column(f.column) for f in file_fields
-                       if f.column in obs.columns}
         context = render_contexts(file_fields, field_codes, texts, fields, obs.n)
 
         def sub(c: Coded) -> Coded:
@@ -141,9 +144,35 @@ def plan_file(path: Path, root: Path, config: ContextConfig, fields: ContextFiel
         return FilePlan(report, out_dir / out_rel, matrix, genes, kept, obs.index()[kept],
                         sub(donor), sub(batch) if batch else None, sub(cell_type),
                         {k: sub(v) for k, v in field_codes.items()}, sub(context),
-                        config.chunk_cells or _chunk_cells(opened.h5, matrix), in_memory)
+                        config.chunk_cells or _chunk_cells(opened.h5, matrix), in_memory,
+                        sub(term_ids) if term_ids is not None else None)
     finally:
         opened.close()
+
+
+def _labelled(obs: Frame, config: ContextConfig, file_fields: list[Field],
+              path: Path) -> tuple[Coded, dict[str, Coded], list[str]]:
+    """The cell type and context-field columns, labels read from term IDs where only IDs exist.
+
+    Returns (cell type, field codes, the columns whose labels came from ontologies).
+    """
+    resolved: list[str] = []
+    if config.cell_type_col in obs.columns:
+        cell_type = obs.column(config.cell_type_col)
+    else:
+        from_terms = labels_from_terms(obs, config.cell_type_col)
+        if from_terms is None:   # neither labels nor IDs: the error lists the columns present
+            return _required_column(obs, config.cell_type_col, path, "--cell-type-col"), {}, []
+        cell_type = from_terms
+        resolved.append(config.cell_type_col)
+    field_codes: dict[str, Coded] = {}
+    for f in file_fields:
+        if f.column in obs.columns:
+            field_codes[f.column] = obs.column(f.column)
+        elif (from_terms := labels_from_terms(obs, f.column)) is not None:
+            field_codes[f.column] = from_terms
+            resolved.append(f.column)
+    return cell_type, field_codes, resolved
 
 
 def _keep_rows(obs: Frame, cell_type_codes: np.ndarray, config: ContextConfig, dataset: str,

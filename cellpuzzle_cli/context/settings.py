@@ -14,6 +14,7 @@ class ContextConfig:
 
     top_genes: int = 50
     cell_type_col: str = "cell_type"
+    cell_type_id_col: str | None = None  # None: `cell_type_ontology_term_id` when present
     donor_col: str | None = None      # None: `donor_id` when present, else one group per file
     batch_col: str | None = None      # CELLxGENE has no batch column, so none by default
     gene_col: str | None = None       # None: `feature_name` when present, else var_names
