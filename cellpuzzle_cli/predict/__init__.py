@@ -29,6 +29,7 @@ from cellpuzzle_cli.predict.records import (
 )
 from cellpuzzle_cli.predict.settings import PredictConfig, PredictSettings
 from cellpuzzle_cli.predict.shards import Shard, parse_shard, select_shard, shard_filename
+from cellpuzzle_cli.puzzles import IDS_FIELD
 
 __all__ = [
     "CONFIG_FILE",
@@ -186,6 +187,8 @@ def _line(record: dict[str, Any], outcome: _Outcome, backend: str, model: str) -
     }
     if gen and len(gen.texts) > 1:
         row["samples"] = gen.texts
+    if record.get(IDS_FIELD) is not None:   # gold ontology IDs, for score's hierarchical metrics
+        row[IDS_FIELD] = record[IDS_FIELD]
     return row
 
 
