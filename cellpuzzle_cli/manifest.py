@@ -136,6 +136,12 @@ class Manifest:
                     return self.resolve(out["path"])
         return None
 
+    def latest_inputs(self, command: str, name: str) -> list[Path]:
+        """Every input named `name` of the newest `command` entry (e.g. build-context's h5ad)."""
+        for entry in self._newest(command):
+            return [self.resolve(i["path"]) for i in entry.get("inputs", []) if i["name"] == name]
+        return []
+
     def find_sibling_output(self, path: Path, name: str) -> Path | None:
         """The output called `name` of the entry that also wrote `path` (e.g. train beside test)."""
         target = self.relative(path)

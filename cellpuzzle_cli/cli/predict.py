@@ -69,6 +69,8 @@ def predict(
     from cellpuzzle_cli.config import build_config, parse_overrides
     from cellpuzzle_cli.predict import PredictConfig, PredictSettings, parse_shard
     from cellpuzzle_cli.predict.backends import resolve_backend
+    from cellpuzzle_cli.predict.records import cello1_train_file
+    from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS
 
     started = start()
     values = parse_overrides(overrides)
@@ -92,17 +94,24 @@ def predict(
     chosen = resolve_backend(cfg.backend)
     data = input_or_latest(ctx, data, "split", "test data", name="test")
     m = manifest(ctx)
-    if chosen == "baseline":
+    if chosen in TRAINED_BACKENDS:
         if train is None:
-            train = m.find_sibling_output(data, "train") or m.latest_output("split", "train")
+            train = m.find_sibling_output(data, "train")
+        if train is None and (train := cello1_train_file(data)) is not None:
+            err_console.print(f"[dim]Training puzzles: {train} (Cell-o1's layout, "
+                              "../train/train_data.json beside the test file).[/dim]")
         if train is None:
-            raise UserError("--backend baseline learns from training puzzles, and the manifest "
+            train = m.latest_output("split", "train")
+        if train is None:
+            raise UserError(f"--backend {chosen} learns from training puzzles, and the manifest "
                             "records no split to take them from. Pass --train FILE.")
         model = None
     else:
         model = input_or_latest(ctx, model, MODEL_COMMANDS, "model", name="model")
-    out = output or Path("predictions") / ("baseline" if chosen == "baseline" else Path(model).name)
+    out = output or Path("predictions") / (chosen if model is None else Path(model).name)
+    expression = m.latest_inputs("build-context", "h5ad") if chosen == "celltypist" else []
     settings = PredictSettings(data=data, output_dir=out, model=model, train=train,
+                               expression=expression,
                                shard_index=spec.index, num_shards=spec.count, overwrite=overwrite,
                                retry_errors=retry_errors,
                                trust_remote_code=trust_remote_code, config=cfg)
@@ -134,10 +143,11 @@ def _record(ctx: typer.Context, settings, result, started: float) -> None:
     from dataclasses import asdict
 
     from cellpuzzle_cli.manifest import Artifact
+    from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS
 
     m = manifest(ctx)
     inputs = [Artifact(Path(settings.data), "test")]
-    if result.backend == "baseline":
+    if result.backend in TRAINED_BACKENDS:
         inputs.append(Artifact(Path(settings.train), "train"))
     else:
         inputs.append(Artifact(Path(settings.model), "model"))

@@ -154,3 +154,21 @@ def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int,
         raise UserError(f"{spec.path}: reading {spec.label} failed ({exc}). The file is probably "
                         "truncated or damaged; download or write it again.") from exc
     return (*topk_csr(indptr, indices, values, k), int((values < 0).sum()))
+
+
+def read_rows_csr(spec: MatrixSpec, rows: np.ndarray) -> Any:
+    """Rows (ascending, unique) of any stored matrix as scipy CSR: what other steps read cells
+    with (predict's CellTypist reference), through the same fast paths as build-context."""
+    import scipy.sparse as sp
+
+    shape = (rows.size, spec.shape[1])
+    if rows.size == 0:
+        return sp.csr_matrix(shape)
+    if spec.kind == "dense":
+        return sp.csr_matrix(_read_dense_rows(spec, rows))
+    if spec.kind == "csr":
+        indptr, indices, values = _read_csr_rows(spec, rows)
+        return sp.csr_matrix((values, indices, indptr), shape=shape)
+    from anndata.io import read_elem
+
+    return read_elem(_file(spec.path)[spec.key]).tocsr()[rows]

@@ -27,7 +27,7 @@ from cellpuzzle_cli.predict.records import (
     read_done,
     rewrite_in_order,
 )
-from cellpuzzle_cli.predict.settings import PredictConfig, PredictSettings
+from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS, PredictConfig, PredictSettings
 from cellpuzzle_cli.predict.shards import Shard, parse_shard, select_shard, shard_filename
 from cellpuzzle_cli.puzzles import IDS_FIELD
 
@@ -98,7 +98,7 @@ def _run_identity(settings: PredictSettings, backend: str) -> dict[str, Any]:
         "data": str(Path(settings.data).resolve()),
         "backend": backend,
         "model": model_label(backend, settings),
-        "train": str(Path(settings.train).resolve()) if backend == "baseline" else None,
+        "train": str(Path(settings.train).resolve()) if backend in TRAINED_BACKENDS else None,
         "num_shards": settings.num_shards,
         **{k: getattr(cfg, k) for k in _ANSWER_KEYS},
     }

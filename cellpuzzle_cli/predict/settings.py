@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BACKENDS = ("auto", "hf", "vllm", "baseline")
+BACKENDS = ("auto", "hf", "vllm", "baseline", "celltypist")
+# Backends that learn from the training split instead of loading a model.
+TRAINED_BACKENDS = ("baseline", "celltypist")
 
 
 @dataclass
@@ -32,7 +34,8 @@ class PredictSettings:
     data: Path
     output_dir: Path
     model: Path | None = None
-    train: Path | None = None        # baseline backend: the puzzles it learns from
+    train: Path | None = None        # baseline/celltypist: the puzzles they learn from
+    expression: list[Path] = field(default_factory=list)  # celltypist: build-context's .h5ad
     shard_index: int = 0
     num_shards: int = 1
     overwrite: bool = False

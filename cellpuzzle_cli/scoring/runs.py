@@ -14,6 +14,7 @@ from typing import Any
 
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import find_files, read_records
+from cellpuzzle_cli.prompts import record_puzzle_id, record_question
 
 SHARD_NAME = "shard-{i}-of-{n}.jsonl"
 
@@ -116,15 +117,16 @@ def collect_files(inputs: Sequence[Path]) -> list[RunInput]:
 
 
 def load_reference(path: Path) -> dict[str, dict[str, Any]]:
-    records = read_records(path)
+    """The reference's records by puzzle id; files without ids (Cell-o1's JSON, the published
+    Parquet) get the ids predict derives from the prompt text, so the two always agree."""
     ref = {}
-    for r in records:
-        pid = r.get("puzzle_id")
-        if pid is not None:
-            ref[str(pid)] = r
+    for r in read_records(path):
+        if isinstance(r, dict) and (r.get("puzzle_id") is not None or record_question(r)):
+            ref[record_puzzle_id(r)] = r
     if not ref:
-        raise UserError(f"The reference {path} holds no records with a `puzzle_id`. Pass the test "
-                        "split written by `cellpuzzle split`.")
+        raise UserError(f"The reference {path} holds no puzzles (records with a `puzzle_id` or "
+                        "a `user_msg`/`question`). Pass the test file you gave predict: a "
+                        "split's test.jsonl, Cell-o1's test_data.json or a CellPuzzles Parquet.")
     return ref
 
 
