@@ -24,10 +24,18 @@ def to_parquet(
     train: Annotated[Path | None, typer.Argument(
         help="Training puzzles (train.jsonl from `split`, or CellPuzzles JSON/Parquet). Default: "
              "the latest split's train file in the manifest.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", "-d", help="The training puzzles, as an option (like sft and predict take "
+                             "them); same as the positional argument.", show_default=False)]
+    = None,
     output: OutputDir = Path("rl-data"),
     val_size: Annotated[float, typer.Option(
         "--val-size", help="Validation puzzles: a fraction (<1) or a count; whole donor groups "
                            "when there are three or more.")] = 0.1,
+    data_source: Annotated[str, typer.Option(
+        "--data-source", help="The rows' data_source. Our reward accepts any; Cell-o1's reward "
+                              "returns -1 unless it contains 'cell_data', so pass cell_data to "
+                              "train with that reward.")] = "cellpuzzle",
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
@@ -39,12 +47,12 @@ def to_parquet(
     """
     from dataclasses import asdict
 
-    from cellpuzzle_cli.rl_data import ToParquetSettings
+    from cellpuzzle_cli.rl_data import ToParquetSettings, one_input
     from cellpuzzle_cli.rl_data import to_parquet as run
 
     started = start()
-    data = input_or_latest(ctx, train, "split", "training data", name="train")
-    settings = ToParquetSettings(val_size=val_size, seed=seed)
+    data = input_or_latest(ctx, one_input(train, data), "split", "training data", name="train")
+    settings = ToParquetSettings(val_size=val_size, seed=seed, data_source=data_source)
     result = run(data, output, settings, overwrite=overwrite)
     groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
               else " (random puzzles held out)" if result.n_val else "")

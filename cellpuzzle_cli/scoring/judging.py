@@ -100,7 +100,11 @@ class Judged:
 
     @property
     def reward(self) -> np.ndarray:
-        """The `cello1` reward of every prediction, from the same numbers `score` reports."""
+        """The `cello1` reward of every prediction, from the same numbers `score` reports.
+
+        Equal to the RL reward for runs judged with `cello1_compat` (Cell-o1's case-sensitive
+        repeat rule); by default an answer repeating an item in another case gets −1 here.
+        """
         rows = zip(self.legitimate.tolist(), self.n.tolist(), self.correct.tolist(),
                    self.exact.tolist(), self.n_items.tolist(), self.n_distinct.tolist())
         return np.array([reward_from_verdict(Verdict(*row)) for row in rows], dtype=np.float64)
