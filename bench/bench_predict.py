@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from cellpuzzle_cli.answer import format_answer
 from cellpuzzle_cli.io import write_jsonl
 from cellpuzzle_cli.predict import PredictConfig, PredictSettings, run_predict
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_answer, format_question
+from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
 from cellpuzzle_cli.tiny_model import TinyModelConfig, build_tiny_model
 
 # Real marker genes, so prompts tokenise like real ones (symbols, not numbered placeholders).

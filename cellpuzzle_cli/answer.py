@@ -23,6 +23,8 @@ from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+ANSWER_SEPARATOR = " | "
 _JOIN = THINK_CLOSE + "\n" + ANSWER_OPEN
 
 
@@ -220,6 +222,11 @@ def record_answer(record: dict[str, Any]) -> Any:
     return record.get("answer") if record.get("answer") is not None else record.get("assistant_msg")
 
 
+def format_answer(cell_types: Sequence[str]) -> str:
+    """The plain gold answer, `t1 | t2 | … | tN` (puzzles, splits, RL ground truth)."""
+    return ANSWER_SEPARATOR.join(cell_types)
+
+
 def format_prediction(think: str, items: Sequence[str]) -> str:
     """A legitimate answer text: `<think>\\n…\\n</think>\\n<answer>t1 | … | tN</answer>`."""
-    return f"{THINK_OPEN}\n{think.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}{' | '.join(items)}{ANSWER_CLOSE}"
+    return f"{THINK_OPEN}\n{think.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}{format_answer(items)}{ANSWER_CLOSE}"

@@ -15,8 +15,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from cellpuzzle_cli.config import check_settings, one_of
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import Progress
 
@@ -232,14 +233,20 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
     write_json(config_path, config)
 
 
+@dataclass
+class ConvertSettings:
+    """Saved as convert-ckpt.yaml beside the converted model."""
+
+    dtype: Annotated[str, one_of(*DTYPES)] = "keep"
+
+
 def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", overwrite: bool = False,
                        progress: Progress | None = None) -> ConvertResult:
     """Write `output` (config, tokenizer, model.safetensors) from a verl FSDP actor checkpoint."""
     import torch
     from safetensors.torch import save_file
 
-    if dtype not in DTYPES:
-        raise UserError(f"Unknown --dtype '{dtype}'. Choose one of: {', '.join(DTYPES)}.")
+    check_settings(ConvertSettings(dtype))
     actor = find_actor_dir(Path(checkpoint))
     world_size, files = read_world_size(actor)
     hf_dir = actor / "huggingface"
@@ -268,11 +275,9 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", over
         if DTYPES[dtype] is not None:
             _set_config_dtype(tmp / "config.json", DTYPES[dtype])
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        from cellpuzzle_cli.io import write_json
+        from cellpuzzle_cli.config import save_settings
 
-        write_json(tmp / "convert_ckpt.json", {
-            "checkpoint": str(actor.resolve()), "world_size": world_size, "dtype": dtype,
-            "dropped_tied": dropped})
+        save_settings(tmp, "convert-ckpt", ConvertSettings(dtype))
     if progress:
         progress(1, description="written")
     return ConvertResult(

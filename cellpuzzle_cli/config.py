@@ -1,38 +1,99 @@
-"""Dataclass configs from YAML files plus `key=value` overrides.
+"""Settings: one dataclass per step, filled from defaults < YAML file < `key=value` overrides.
 
-A config class lists every valid key, so a misspelt key in a file or on the command line is
-refused with the list of valid ones instead of being silently ignored.
+Every value, whether it comes from a YAML file, an override or a command-line option, passes
+through the same coercion and checks here, before any work starts:
+
+- A settings class lists every valid key, so a misspelt key is refused with the valid ones.
+- Values are coerced to the field's type (`5e-5` is a float whether YAML or the shell wrote it).
+- Ranges and choices live in the type, with `typing.Annotated` (`Seed`, `Count`, `Rate`, …),
+  and a class may add cross-field rules in a `validate()` method.
+
+Each step saves its resolved settings as `<command>.yaml` beside its output (`save_settings`);
+the file loads back with `--config` and gives the same settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
-from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.errors import UserError
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).parent / "configs"  # a link to the repository's configs/
+SEED_MAX = 2**32 - 1  # numpy and torch seeds
+
+
+@dataclass(frozen=True)
+class Check:
+    """A rule on a value: bounds (inclusive `low`/`high`, exclusive `above`) or `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.low is not None and self.high is not None:
+            return f"between {self.low:,g} and {self.high:,g}"
+        parts = []
+        if self.above is not None:
+            parts.append(f"greater than {self.above:g}")
+        if self.low is not None:
+            parts.append(f"at least {self.low:g}")
+        if self.high is not None:
+            parts.append(f"at most {self.high:g}")
+        return " and ".join(parts)
+
+    def ok(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+                and (self.above is None or value > self.above))
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(choices=tuple(choices))
+
+
+Seed = Annotated[int, Check(0, SEED_MAX)]
+Count = Annotated[int, Check(1)]              # sizes, steps, batch sizes: 1 or more
+NonNegative = Annotated[int, Check(0)]
+Rate = Annotated[float, Check(above=0)]       # learning rates, temperatures above 0
+Fraction = Annotated[float, Check(0, 1)]
+Share = Annotated[float, Check(above=0, high=1)]  # top_p, GPU memory share
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading `5e-5` as a number as YAML 1.2 does (1.1 wants `5.0e-5`), so
+    files and `key=value` overrides agree on every value."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def parse_value(text: str) -> Any:
     """A command-line value typed the way YAML would read it (`5e-3`, `true`, `[a, b]`, `null`)."""
     try:
-        value = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -48,10 +109,13 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: Path | str) -> dict[str, Any]:
-    path = existing_path(path, "config file")
+def load_yaml(path: Path | str, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from a file (safe loader: YAML tags cannot run code)."""
+    from cellpuzzle_cli.io import read_text
+
+    text = read_text(path, what)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({exc}).") from exc
     if not isinstance(data, dict):
@@ -64,58 +128,134 @@ def shipped_config(name: str) -> Path:
     return CONFIG_DIR / name
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> UserError:
+def unknown_key(key: str, valid: list[str], where: str) -> UserError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return UserError(f"Unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(valid)}.")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Light type checking so `max_steps=ten` fails here, not deep inside a trainer."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """`value` as `annotation` wants it, or a UserError naming the key and what is allowed."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        value = coerce(value, args[0], key)
+        for check in args[1:]:
+            if isinstance(check, Check) and value is not None and not check.ok(value):
+                raise UserError(f"'{key}' must be {check.describe()}, got {value!r}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key)
-            except UserError:
-                continue
-        raise UserError(f"Config key '{key}' got {value!r}, which is not a {annotation}.")
+                return coerce(value, arg, key)
+            except UserError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise UserError(f"'{key}' got {value!r}, which is none of "
+                        f"{', '.join(_type_name(a) for a in args)}.")
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads `5e-5` as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is bool and isinstance(value, bool):
         return value
-    if annotation is str and isinstance(value, (str, int, float)):
+    if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    if annotation is Path and isinstance(value, (str, Path)):
+        return Path(value)
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        return list(value)
-    if annotation in (float, int, bool, str):
-        raise UserError(f"Config key '{key}' must be a {annotation.__name__}, got {value!r}.")
-    return value
+        inner = args[0] if args else Any
+        return [v if inner is Any else coerce(v, inner, key) for v in value]
+    if annotation is Any:
+        return value
+    raise UserError(f"'{key}' must be a {_type_name(annotation)}, got {value!r}.")
+
+
+def fields_of(cls: type) -> dict[str, Any]:
+    """Field name -> annotation (with its checks) of a settings dataclass."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def build_config(cls: type[T], file: Path | str | None = None,
                  overrides: dict[str, Any] | None = None, default_file: str | None = None) -> T:
     """Instance of dataclass `cls` from defaults < YAML file (or shipped default) < overrides."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    hints = fields_of(cls)
     layers: list[tuple[str, dict[str, Any]]] = []
     if file is None and default_file is not None:
         file = shipped_config(default_file)
     if file is not None:
         layers.append((str(file), load_yaml(file)))
     layers.append(("the command-line overrides", overrides or {}))
+    values: dict[str, Any] = {}
     for where, layer in layers:
         for key, value in layer.items():
-            if key not in fields:
-                raise _unknown_key(key, sorted(fields), where)
-            values[key] = _coerce(value, hints[key], key)
-    return cls(**values)
+            if key not in hints:
+                raise unknown_key(key, sorted(hints), where)
+            values[key] = coerce(value, hints[key], key)
+    return check_settings(cls(**values))
 
+
+def check_settings(settings: T) -> T:
+    """Every field against its type and checks, then the class's own `validate()` rules.
+
+    Services call this too, so settings built in code are held to the same rules."""
+    for name, annotation in fields_of(type(settings)).items():
+        coerce(getattr(settings, name), annotation, name)
+    validate = getattr(settings, "validate", None)
+    if callable(validate):
+        validate()
+    return settings
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """Settings as plain YAML values; fields marked `metadata={"machine": True}` (worker counts
+    and the like, which change no result) are left out so equal runs write equal bytes."""
+    out = {}
+    for f in dataclasses.fields(settings):
+        if f.metadata.get("machine"):
+            continue
+        value = getattr(settings, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def settings_file(command: str) -> str:
+    """`<command>.yaml`, the file name every step saves its resolved settings under."""
+    return command.replace(" ", "-") + ".yaml"
+
+
+def dump_settings(command: str, values: dict[str, Any]) -> bytes:
+    header = (f"# cellpuzzle {command}: the resolved settings of this run. Reload them with\n"
+              f"# `cellpuzzle {command} --config {settings_file(command)}`.\n")
+    return (header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)).encode()
+
+
+def save_settings(folder: Path, command: str, settings: Any) -> Path:
+    """Write `<command>.yaml` (a settings dataclass, or a ready mapping) into `folder`."""
+    from cellpuzzle_cli.io import atomic_write_bytes
+
+    values = settings if isinstance(settings, dict) else settings_dict(settings)
+    path = Path(folder) / settings_file(command)
+    atomic_write_bytes(path, dump_settings(command, values))
+    return path

@@ -8,6 +8,7 @@ they write beside the target and rename.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
@@ -24,6 +25,24 @@ os.umask(_UMASK)
 # What services accept to report progress: `progress(advance, total=…, description=…)`.
 Progress = Callable[..., None]
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
+
+
+def labelled(progress: Progress | None, label: str) -> Progress | None:
+    """`progress` that shows `label` from its first update on (a bar appears only once work
+    starts, so a run that fails while checking its input shows just the error)."""
+    if progress is None:
+        return None
+    first = True
+
+    def update(advance: float = 1, total: float | None = None,
+               description: str | None = None) -> None:
+        nonlocal first
+        if first and description is None:
+            description = label
+        first = False
+        progress(advance, total=total, description=description)
+
+    return update
 
 
 def dumps_line(record: dict[str, Any]) -> bytes:
@@ -63,16 +82,56 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+def iter_jsonl(path: Path, chunk_bytes: int = 1 << 20) -> Iterator[Any]:
+    """JSONL values, parsed about `chunk_bytes` at a time by one orjson call each.
+
+    JSON strings cannot hold a raw newline, so every newline separates records: turning the
+    newlines of a block into commas makes it one JSON array. A block that then does not parse
+    to one value per line (blank lines, bad JSON) is re-read line by line to name the bad line.
+    """
+    lineno = 0
+    tail = b""
     with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+        while True:
+            data = fh.read(chunk_bytes)
+            block = tail + data
+            if data:
+                cut = block.rfind(b"\n")
+                if cut < 0:
+                    tail = block
+                    continue
+                block, tail = block[:cut], block[cut + 1:]
+            else:
+                tail = b""
+            if not block.strip():
+                lineno += block.count(b"\n") + (1 if data else 0)
+                if not data:
+                    return
                 continue
+            lines = block.count(b"\n") + 1
             try:
-                yield orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise UserError(f"{path}, line {lineno} is not valid JSON ({exc}). The file may be "
-                                "truncated or not JSONL; regenerate it or fix that line.") from exc
+                values = orjson.loads(b"[" + block.replace(b"\n", b",") + b"]")
+            except orjson.JSONDecodeError:
+                values = None
+            if values is None or len(values) != lines:
+                values = _parse_lines(path, block.split(b"\n"), lineno)
+            lineno += lines
+            yield from values
+            if not data:
+                return
+
+
+def _parse_lines(path: Path, lines: list[bytes], lineno: int) -> list[Any]:
+    values = []
+    for k, line in enumerate(lines, lineno + 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            raise UserError(f"{path}, line {k} is not valid JSON ({exc}). The file may be "
+                            "truncated or not JSONL; regenerate it or fix that line.") from exc
+    return values
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -101,6 +160,28 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     raise UserError(f"{path} has an unknown format '{suffix}'. Give a .jsonl, .json or .parquet file.")
 
 
+def check_unique_ids(ids: Iterable[Any], path: Path, fix: str) -> None:
+    """Every puzzle id once: splits, predictions and resumes are keyed by it."""
+    from collections import Counter
+
+    dupes = [pid for pid, count in Counter(ids).items() if count > 1]
+    if dupes:
+        raise UserError(f"{path} holds {len(dupes)} puzzle id(s) more than once (e.g. "
+                        f"'{dupes[0]}'). {fix}")
+
+
+def read_text(path: Path | str, what: str = "input file") -> str:
+    """A UTF-8 text file the user named, with a clear error for folders and other encodings."""
+    p = existing_path(path, what)
+    if p.is_dir():
+        raise UserError(f"The {what} '{p}' is a folder. Give the path of a file.")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"The {what} '{p}' is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                        "Save it as UTF-8.") from exc
+
+
 def find_files(inputs: Iterable[Path], suffixes: tuple[str, ...], what: str) -> list[tuple[Path, Path]]:
     """Expand files and folders (recursively) into `(file, root)` pairs, sorted and de-duplicated.
 
@@ -119,21 +200,63 @@ def find_files(inputs: Iterable[Path], suffixes: tuple[str, ...], what: str) -> 
     return sorted(found.items())
 
 
+# Files every folder published in this context also gets (the manifest's run stamp: see
+# manifest.Step). Set by the command that runs the step; services need not know about it.
+PUBLISH_EXTRAS: contextvars.ContextVar[tuple[tuple[str, bytes], ...]] = contextvars.ContextVar(
+    "publish_extras", default=())
+_PARTIAL = ".partial"
+
+
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete half-written siblings of `path` left by killed runs (their process is gone)."""
+    removed = []
+    prefix = _partial_prefix(path)
+    for sibling in path.parent.glob(f"{glob_escape(prefix)}*{_PARTIAL}"):
+        pid = sibling.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `path` only if the block succeeds.
 
-    Refuses a non-empty existing `path` unless `overwrite`; on failure nothing is left behind.
+    Refuses a non-empty existing `path` unless `overwrite`; on failure nothing is left behind,
+    and half-written folders of killed runs for the same `path` are removed first.
     """
     path = Path(path)
     if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"The output folder '{path}' already holds results. Choose another "
                         "folder with -o, or pass --overwrite to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}.", suffix=_PARTIAL,
+                                dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        for name, data in PUBLISH_EXTRAS.get():
+            atomic_write_bytes(tmp / name, data)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

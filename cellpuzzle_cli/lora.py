@@ -9,17 +9,15 @@ the tokenizer the adapter was trained with and the base's generation config.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
-from cellpuzzle_cli.manifest import Artifact, Manifest, describe
+from cellpuzzle_cli.io import Progress, atomic_output_dir
+from cellpuzzle_cli.manifest import Artifact, Manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
-CONFIG_NAME = "merge-lora.json"
 
 
 
@@ -100,66 +98,24 @@ def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = Fals
         merged.generation_config = generation
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / CONFIG_NAME, {"adapter": str(adapter.resolve()), "base": base,
-                                       "dtype": str(merged.dtype).removeprefix("torch.")})
     tick(1)
     params = sum(p.numel() for p in merged.parameters())
     return MergeResult(out=Path(out), adapter=adapter, base=base, parameters=params,
                        dtype=str(merged.dtype).removeprefix("torch."))
 
 
-def up_to_date(entries: Iterable[dict[str, Any]], relative: Callable[[Path], str],
-               inputs: dict[str, dict[str, Any]], out: Path,
-               out_now: dict[str, Any]) -> bool:
-    """Whether a recorded merge-lora run made `out` from inputs with these hashes, unchanged since.
-
-    `inputs` maps input names to their current `manifest.describe` results; `out_now` is the
-    current description of `out`.
-    """
-    target = relative(out)
-    for entry in reversed(list(entries)):
-        if entry.get("command") != "merge-lora":
-            continue
-        outs = [o for o in entry.get("outputs", []) if o.get("path") == target]
-        if not outs:
-            continue
-        recorded = {i["name"]: i.get("sha256") for i in entry.get("inputs", [])}
-        same_inputs = all(recorded.get(name) == desc.get("sha256") and desc.get("sha256")
-                          for name, desc in inputs.items())
-        return bool(same_inputs and out_now.get("sha256") == outs[0].get("sha256"))
-    return False
-
-
-def recorded_base(manifest: Any, adapter: Path) -> Path | None:
-    """The base model input of the manifest's run that wrote `adapter` (usually `sft`)."""
-    target = manifest.relative(adapter)
-    for entry in reversed(manifest.entries()):
-        if any(o.get("path") == target for o in entry.get("outputs", [])):
-            for inp in entry.get("inputs", []):
-                if inp.get("name") == "base_model":
-                    return manifest.resolve(inp["path"])
-            return None
-    return None
-
-
 @dataclass
 class MergePlan:
     base: str
     inputs: list[Artifact]
-    up_to_date: bool  # the output was merged from these very inputs and is unchanged since
 
 
-def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None, output: Path,
-               overwrite: bool) -> MergePlan:
-    """Which base to merge into, the run's inputs, and whether the work is already done."""
+def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None) -> MergePlan:
+    """Which base to merge into, and the run's inputs."""
     check_adapter(adapter)
-    recorded = recorded_base(manifest, adapter) if base is None else None
+    recorded = manifest.base_model_of(adapter) if base is None else None
     base_model = resolve_base(adapter, base, recorded)
     inputs = [Artifact(Path(adapter), "adapter")]
     if Path(base_model).exists():
         inputs.append(Artifact(Path(base_model), "base_model"))
-    current = False
-    if output.exists() and not overwrite:
-        now = {a.name: describe(a.path) for a in inputs}
-        current = up_to_date(manifest.entries(), manifest.relative, now, output, describe(output))
-    return MergePlan(base_model, inputs, current)
+    return MergePlan(base_model, inputs)

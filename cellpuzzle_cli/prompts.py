@@ -26,7 +26,6 @@ SYSTEM_PROMPT = (
 )
 
 CANDIDATES_HEADER = "Candidate cell types (use each exactly once):"
-ANSWER_SEPARATOR = " | "
 _CELL_LINE = re.compile(r"^\s*Cell\s+(\d+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 
 
@@ -34,9 +33,9 @@ def load_system_prompt(path: Path | None) -> str:
     """The shipped system message, or the text of `--system-prompt-file`."""
     if path is None:
         return SYSTEM_PROMPT
-    from cellpuzzle_cli.errors import existing_path
+    from cellpuzzle_cli.io import read_text
 
-    return existing_path(path, "system prompt file").read_text().strip()
+    return read_text(path, "system prompt file").strip()
 
 
 def format_question(context: str, cells: Sequence[Sequence[str]], candidates: Sequence[str]) -> str:
@@ -45,10 +44,6 @@ def format_question(context: str, cells: Sequence[Sequence[str]], candidates: Se
     lines += [f"Cell {i}: {', '.join(genes)}" for i, genes in enumerate(cells, 1)]
     lines += ["", CANDIDATES_HEADER, *candidates]
     return "\n".join(lines)
-
-
-def format_answer(cell_types: Sequence[str]) -> str:
-    return ANSWER_SEPARATOR.join(cell_types)
 
 
 def record_question(record: dict[str, Any]) -> str:

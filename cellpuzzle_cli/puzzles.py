@@ -34,18 +34,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from cellpuzzle_cli.answer import format_answer
+from cellpuzzle_cli.config import Count, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, write_json, write_jsonl
-from cellpuzzle_cli.prompts import format_answer, format_question
+from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, write_jsonl
+from cellpuzzle_cli.prompts import format_question
+
+if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
+    import numpy as np
 
 PUZZLES_FILE = "puzzles.jsonl"
-PARAMS_FILE = "make-qa.json"
 REQUIRED_COLUMNS = ("cell_id", "dataset", "donor_id", "cell_type", "top_genes", "context")
 META_COLUMNS = ("cell_id", "dataset", "donor_id", "batch_id", "cell_type", "context")
 TERM_COLUMN = "cell_type_ontology_term_id"   # optional: build-context keeps it when present
@@ -61,10 +63,10 @@ class PuzzleConfig:
 
     min_n: int = 3
     max_n: int = 15
-    per_n: int = 20
-    seed: int = 0
+    per_n: Count = 20
+    seed: Seed = 0
     sort_candidates: bool = False
-    use_batch: bool = True
+    ignore_batch: bool = False
     test_cells: float = 0.0
 
     def validate(self) -> None:
@@ -74,8 +76,6 @@ class PuzzleConfig:
         if self.max_n < self.min_n:
             raise UserError(f"--max-n ({self.max_n}) is smaller than --min-n ({self.min_n}). "
                             "Raise --max-n or lower --min-n.")
-        if self.per_n < 1:
-            raise UserError(f"--per-n is {self.per_n}; it must be at least 1 puzzle per N.")
         if not 0 <= self.test_cells < 1:
             raise UserError(f"--test-cells is {self.test_cells}; give a fraction in [0, 1), "
                             "e.g. 0.2 (0 turns cell folds off).")
@@ -132,6 +132,8 @@ def split_cell_folds(group: Group, fraction: float, seed: int) -> list[Group]:
 
     Types with a single cell stay in train only; each fold keeps only its non-empty types.
     """
+    import numpy as np
+
     rng = seeded_rng(seed, group.dataset, group.label, "folds")
     folds = {f: Group(group.dataset, group.donor_id, group.batch_id, [], [], f)
              for f in ("train", "test")}
@@ -159,11 +161,17 @@ class MakeQAResult:
     short_per_n: dict[int, int]
     mixed_context: int
     per_fold: dict[str, int] = field(default_factory=dict)  # "all" or "train"/"test"
-    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_puzzles(self) -> int:
         return sum(self.puzzles_per_n.values())
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest keeps about the run beside its settings."""
+        return {"files": self.n_files, "cells": self.n_cells, "groups_used": self.groups_used,
+                "groups_skipped": self.groups_skipped, "puzzles": self.n_puzzles,
+                "puzzles_per_n": self.puzzles_per_n, "short_per_n": self.short_per_n,
+                "mixed_context": self.mixed_context, "per_fold": self.per_fold}
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -229,6 +237,8 @@ def load_cells(files: list[Path]) -> Cells:
 
 def index_groups(cells: Cells, use_batch: bool = True) -> list[Group]:
     """Group rows by (dataset, donor[, batch], type) once; groups sorted by key."""
+    import numpy as np
+
     meta = cells.meta
     batch = meta["batch_id"] if use_batch else None
     has_batch = batch.notna() if batch is not None else None
@@ -259,6 +269,8 @@ def stable_int(*parts: object) -> int:
 
 def seeded_rng(seed: int, *parts: object) -> np.random.Generator:
     """An independent generator per (seed, parts): draws for one group never shift another's."""
+    import numpy as np
+
     return np.random.default_rng(np.random.SeedSequence([seed, stable_int(*parts)]))
 
 
@@ -276,6 +288,8 @@ def sample_group(group: Group, n: int, quota: int,
     """Up to `quota` distinct cell sets of size n: (row indices in cell order, a permutation
     for shuffling the candidates — drawn even when they get sorted, so sorting never changes
     which cells are picked)."""
+    import numpy as np
+
     rng = np.random.default_rng(np.random.SeedSequence([seed, stable_int(group.name), n]))
     sizes = np.array([len(p) for p in group.pools], dtype=np.int64)
     target = min(quota, count_cell_sets(sizes.tolist(), n))
@@ -296,6 +310,8 @@ def sample_group(group: Group, n: int, quota: int,
 
 def _context(codes: np.ndarray, contexts: np.ndarray) -> tuple[str, bool]:
     """The shared context of the cells, or the most common one (first seen wins ties)."""
+    import numpy as np
+
     values, first, counts = np.unique(codes, return_index=True, return_counts=True)
     if len(values) == 1:
         return str(contexts[values[0]]), False
@@ -313,6 +329,7 @@ def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
                         context_codes: np.ndarray, contexts: np.ndarray,
                         stats: dict[str, Counter]) -> list[dict[str, Any]]:
     """Every puzzle of one group, as output records."""
+    import numpy as np
     import pyarrow as pa
 
     samples: list[tuple[int, int, np.ndarray, np.ndarray]] = []
@@ -356,15 +373,16 @@ def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
 def make_puzzles(cells_path: Path, out_dir: Path, config: PuzzleConfig = PuzzleConfig(),
                  overwrite: bool = False, progress: Progress | None = None) -> MakeQAResult:
     """Read the cell tables, sample puzzles per group and write `puzzles.jsonl` atomically."""
+    import numpy as np
     import pandas as pd
 
-    config.validate()
+    check_settings(config)
     files = find_cell_files(cells_path)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         cells = load_cells(files)
         codes, contexts = pd.factorize(cells.meta["context"], sort=False)
         contexts = np.asarray(contexts, dtype=object)
-        groups = index_groups(cells, config.use_batch)
+        groups = index_groups(cells, not config.ignore_batch)
         stats: dict[str, Counter] = {k: Counter() for k in
                                      ("groups_per_n", "short_per_n", "puzzles_per_n", "mixed",
                                       "folds")}
@@ -390,7 +408,6 @@ def make_puzzles(cells_path: Path, out_dir: Path, config: PuzzleConfig = PuzzleC
         ids = [r["puzzle_id"] for r in records]
         if len(set(ids)) != len(ids):
             raise RuntimeError("puzzle ids collide; dataset or donor names contain ':'")
-        params = {**asdict(config), "cells": str(cells_path)}
         result = MakeQAResult(
             out_dir=out_dir, puzzles_path=out_dir / PUZZLES_FILE, n_files=len(files),
             n_cells=len(cells.meta), groups_used=len(groups) - len(skipped),
@@ -398,16 +415,7 @@ def make_puzzles(cells_path: Path, out_dir: Path, config: PuzzleConfig = PuzzleC
             puzzles_per_n=dict(sorted(stats["puzzles_per_n"].items())),
             groups_per_n=dict(sorted(stats["groups_per_n"].items())),
             short_per_n={n: c for n, c in sorted(stats["short_per_n"].items()) if c},
-            mixed_context=stats["mixed"][0], per_fold=dict(sorted(stats["folds"].items())),
-            params=params)
+            mixed_context=stats["mixed"][0], per_fold=dict(sorted(stats["folds"].items())))
         write_jsonl(tmp / PUZZLES_FILE, records)
-        write_json(tmp / PARAMS_FILE, {"params": params, "summary": _summary(result)})
+        save_settings(tmp, "make-qa", config)
     return result
-
-
-def _summary(result: MakeQAResult) -> dict[str, Any]:
-    return {"files": result.n_files, "cells": result.n_cells, "groups_used": result.groups_used,
-            "groups_skipped": result.groups_skipped, "puzzles": result.n_puzzles,
-            "puzzles_per_n": {str(k): v for k, v in result.puzzles_per_n.items()},
-            "short_per_n": {str(k): v for k, v in result.short_per_n.items()},
-            "mixed_context": result.mixed_context, "per_fold": result.per_fold}

@@ -15,24 +15,27 @@ several), instead of reusing the first training rows as Cell-o1's script did.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from cellpuzzle_cli.answer import answer_items
+from cellpuzzle_cli.answer import answer_items, format_answer
+from cellpuzzle_cli.config import Check, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import atomic_output_dir, write_json
-from cellpuzzle_cli.prompts import format_answer, record_messages
+from cellpuzzle_cli.io import atomic_output_dir
+from cellpuzzle_cli.prompts import record_messages
 
 DATA_SOURCE = "cellpuzzle"
+TRAIN_FILE, VAL_FILE = "train.parquet", "val.parquet"
 ABILITY = "cell_type_annotation"
-CONFIG_NAME = "to-parquet.json"
 
 
 @dataclass
 class ToParquetSettings:
-    val_size: float = 0.1  # below 1: a fraction of the puzzles; else a count; 0: empty val
-    seed: int = 0
+    """Saved as to-parquet.yaml beside the Parquet files."""
+
+    val_size: Annotated[float, Check(0)] = 0.1  # below 1: a fraction; else a count; 0: none
+    seed: Seed = 0
     ability: str = ABILITY
     data_source: str = DATA_SOURCE  # verl routes rewards by it; Cell-o1's reward needs cell_data
 
@@ -90,18 +93,18 @@ def to_parquet(data: Path, out: Path, settings: ToParquetSettings, overwrite: bo
     """Write `train.parquet` and `val.parquet` (and the resolved settings) to `out`."""
     from cellpuzzle_cli.splitting import holdout, read_training_records
 
+    check_settings(settings)
     records = read_training_records(data)
     train, val = holdout(records, settings.val_size, settings.seed)
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         rows = {split: rl_rows(part, split, 0, settings.ability, settings.data_source)
                 for split, part in (("train", train), ("val", val))}
-        table = write_parquet(tmp / "train.parquet", rows["train"])
-        write_parquet(tmp / "val.parquet", rows["val"], like=table)
-        write_json(tmp / CONFIG_NAME, {**asdict(settings), "data": str(Path(data).resolve()),
-                                       "n_train": len(train), "n_val": len(val)})
+        table = write_parquet(tmp / TRAIN_FILE, rows["train"])
+        write_parquet(tmp / VAL_FILE, rows["val"], like=table)
+        save_settings(tmp, "to-parquet", settings)
     val_groups = {str(r.get("group")) for r in val if r.get("group") is not None}
     train_groups = {str(r.get("group")) for r in train if r.get("group") is not None}
     whole = sorted(val_groups) if val_groups and not val_groups & train_groups else []
-    return ToParquetResult(out=out, train=out / "train.parquet", val=out / "val.parquet",
+    return ToParquetResult(out=out, train=out / TRAIN_FILE, val=out / VAL_FILE,
                            n_train=len(train), n_val=len(val), val_groups=whole)

@@ -28,23 +28,29 @@ CellPuzzles field names (``system_msg``, ``user_msg``, ``assistant_msg``) with t
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-
+from cellpuzzle_cli.config import Count, Seed, check_settings, one_of, save_settings
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.io import Progress, atomic_output_dir, read_records, write_json, write_jsonl
+from cellpuzzle_cli.io import (
+    Progress,
+    atomic_output_dir,
+    check_unique_ids,
+    read_records,
+    write_jsonl,
+)
 from cellpuzzle_cli.prompts import load_system_prompt
 from cellpuzzle_cli.puzzles import IDS_FIELD, PUZZLES_FILE, seeded_rng
+
+if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
+    import numpy as np
 
 GROUP_BY = ("donor", "dataset", "cell")
 TRAIN_FILE = "train.jsonl"
 TEST_FILE = "test.jsonl"
-PARAMS_FILE = "split.json"
 TRAINING_FIELDS = ("user_msg", "assistant_msg")  # what sft and to-parquet need
 REQUIRED_FIELDS = ("puzzle_id", "dataset", "group", "donor_id", "n", "cell_ids", "question",
                    "answer")
@@ -53,21 +59,18 @@ REQUIRED_FIELDS = ("puzzle_id", "dataset", "group", "donor_id", "n", "cell_ids",
 
 @dataclass(frozen=True)
 class SplitConfig:
-    group_by: str = "donor"
+    """Everything that decides which puzzles go to test (saved as split.yaml)."""
+
+    group_by: Annotated[str, one_of(*GROUP_BY)] = "donor"
     test_fraction: float = 0.2
-    max_test: int = 1100
-    seed: int = 0
+    max_test: Count = 1100
+    seed: Seed = 0
     system_prompt_file: Path | None = None
 
     def validate(self) -> None:
-        if self.group_by not in GROUP_BY:
-            raise UserError(f"Unknown --group-by '{self.group_by}'. Valid choices: "
-                            f"{', '.join(GROUP_BY)} (use 'cell' for single-donor data).")
         if not 0 < self.test_fraction < 1:
             raise UserError(f"--test-fraction is {self.test_fraction}; give a fraction between "
                             "0 and 1, e.g. 0.2.")
-        if self.max_test < 1:
-            raise UserError(f"--max-test is {self.max_test}; it must be at least 1.")
 
 
 @dataclass
@@ -90,10 +93,15 @@ class SplitResult:
     per_n: dict[int, dict[str, int]]  # n -> {"train", "test", "dropped_leak", "dropped_cap"}
     counts: dict[str, dict[str, int]]  # "train"/"test"/"shared" -> datasets, donors, cells
     method: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
 
     def total(self, column: str) -> int:
         return sum(row[column] for row in self.per_n.values())
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest keeps about the run beside its settings."""
+        return {"puzzles": {c: self.total(c) for c in ("train", "test", "dropped_leak",
+                                                      "dropped_cap")},
+                "method": self.method, "distinct": self.counts, "per_n": self.per_n}
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -122,11 +130,8 @@ def load_puzzles(path: Path) -> list[dict[str, Any]]:
                             f"{hint} split needs the puzzles.jsonl written by `cellpuzzle "
                             "make-qa` (it carries the cell and donor ids a leakage-free split "
                             "needs).")
-    ids = [r["puzzle_id"] for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i, c in Counter(ids).items() if c > 1)
-        raise UserError(f"{path} lists puzzle '{dup}' more than once. Regenerate it with "
-                        "`cellpuzzle make-qa` instead of concatenating puzzle files.")
+    check_unique_ids((r["puzzle_id"] for r in records), path, "Regenerate it with `cellpuzzle "
+                     "make-qa` instead of concatenating puzzle files.")
     return records
 
 
@@ -192,6 +197,8 @@ def assign_by_unit(units: list[Any], ns: list[int], config: SplitConfig) -> Assi
 
 def assign_by_cell(cells: list[list[Any]], ns: list[int], config: SplitConfig) -> Assignment:
     """Test puzzles that reuse each other's cells; train = puzzles sharing no cell with test."""
+    import numpy as np
+
     cell_index: dict[Any, int] = {}
     puzzle_cells = [np.array([cell_index.setdefault(c, len(cell_index)) for c in cs],
                              dtype=np.int64) for cs in cells]
@@ -293,7 +300,7 @@ def split_record(puzzle: dict[str, Any], system_msg: str) -> dict[str, Any]:
 def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitConfig = SplitConfig(),
                   overwrite: bool = False, progress: Progress | None = None) -> SplitResult:
     """Assign puzzles to train/test, verify nothing leaks, write both files atomically."""
-    config.validate()
+    check_settings(config)
     system_msg = load_system_prompt(config.system_prompt_file)
     if not system_msg:
         raise UserError(f"The system prompt file {config.system_prompt_file} is empty. Give a "
@@ -323,23 +330,15 @@ def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitConfig = Split
                 row = per_n.setdefault(int(puzzles[i]["n"]), dict.fromkeys(
                     ("train", "test", "dropped_leak", "dropped_cap"), 0))
                 row[column] += 1
-        params = {**asdict(config), "puzzles": str(puzzles_path),
-                  "system_prompt_file": (str(config.system_prompt_file)
-                                         if config.system_prompt_file else None)}
         result = SplitResult(out_dir=out_dir, train_path=out_dir / TRAIN_FILE,
                              test_path=out_dir / TEST_FILE, group_by=config.group_by,
                              per_n=dict(sorted(per_n.items())), counts=counts,
-                             method=plan.method, params=params)
+                             method=plan.method)
         write_jsonl(tmp / TRAIN_FILE, train)
         write_jsonl(tmp / TEST_FILE, test)
         if progress:
             progress(1)
-        write_json(tmp / PARAMS_FILE, {"params": params, "summary": {
-            "puzzles": {"train": len(train), "test": len(test),
-                        "dropped_leak": len(plan.dropped_leak),
-                        "dropped_cap": len(plan.dropped_cap)},
-            "method": plan.method, "distinct": counts,
-            "per_n": {str(n): row for n, row in result.per_n.items()}}})
+        save_settings(tmp, "split", config)
         if progress:
             progress(1)
     return result

@@ -6,8 +6,9 @@ import random
 import shutil
 from pathlib import Path
 
+from cellpuzzle_cli.answer import format_answer
 from cellpuzzle_cli.io import write_jsonl
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_answer, format_question
+from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
 
 GENES = [f"G{i}" for i in range(300)]
 TYPES = ["T cell", "B cell", "NK cell", "monocyte", "dendritic cell", "platelet",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, chat_messages, format_answer, format_question
+from cellpuzzle_cli.answer import format_answer
+from cellpuzzle_cli.prompts import SYSTEM_PROMPT, chat_messages, format_question
 
 TYPES = ["T cell", "B cell", "NK cell", "monocyte", "platelet", "erythrocyte"]
 GENES = ["CD3E", "CD19", "NKG7", "LYZ", "PPBP", "HBB", "MS4A1", "GNLY", "CD14", "PF4", "CD8A", "IL7R"]

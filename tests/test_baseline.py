@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from cellpuzzle_cli.answer import answer_items, judge, parse_answer
+from cellpuzzle_cli.answer import answer_items, format_answer, judge, parse_answer
 from cellpuzzle_cli.baseline import BaselineBackend, assign
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.markers import MarkerStats
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_answer, format_question
+from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
 
 TYPES = ["B cell", "T cell", "NK cell", "monocyte", "platelet", "dendritic cell"]
 

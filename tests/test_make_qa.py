@@ -11,7 +11,9 @@ import pytest
 from conftest import assert_user_error
 from puzzles_fixtures import TYPES, cell_rows, donors_dataset, write_cells
 
-from cellpuzzle_cli.prompts import ANSWER_SEPARATOR, parse_question
+from cellpuzzle_cli.answer import ANSWER_SEPARATOR
+from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.prompts import parse_question
 from cellpuzzle_cli.puzzles import PuzzleConfig, count_cell_sets, make_puzzles
 
 
@@ -93,7 +95,7 @@ def test_batches_make_separate_groups_unless_ignored(tmp_path):
         write_cells(cells / f"{batch}.parquet",
                     cell_rows("ds", "D1", {t: 3 for t in TYPES[:3]}, batch=batch))
     make_puzzles(cells, tmp_path / "by_batch", PuzzleConfig(per_n=2))
-    make_puzzles(cells, tmp_path / "merged", PuzzleConfig(per_n=2, use_batch=False))
+    make_puzzles(cells, tmp_path / "merged", PuzzleConfig(per_n=2, ignore_batch=True))
     by_batch = read_puzzles(tmp_path / "by_batch")
     assert sorted({p["group"] for p in by_batch}) == ["D1/b1", "D1/b2"]
     for p in by_batch:
@@ -128,11 +130,15 @@ def test_cli_is_deterministic_and_seeded(tmp_path, cli):
     for out, seed in zip(runs, ("7", "7", "8")):
         result = cli("make-qa", cells, "-o", out, "--per-n", "5", "--seed", seed)
         assert result.code == 0, result.output
-    for name in ("puzzles.jsonl", "make-qa.json"):
+    for name in ("puzzles.jsonl", "make-qa.yaml"):
         assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes()
     assert (runs[0] / "puzzles.jsonl").read_bytes() != (runs[2] / "puzzles.jsonl").read_bytes()
-    params = orjson.loads((runs[0] / "make-qa.json").read_bytes())["params"]
-    assert params["per_n"] == 5 and params["seed"] == 7 and params["min_n"] == 3
+    saved = build_config(PuzzleConfig, runs[0] / "make-qa.yaml")
+    assert saved == PuzzleConfig(per_n=5, seed=7)
+    again = cli("make-qa", cells, "-o", tmp_path / "again", "--config", runs[0] / "make-qa.yaml")
+    assert again.code == 0, again.output
+    assert (tmp_path / "again" / "puzzles.jsonl").read_bytes() == \
+        (runs[0] / "puzzles.jsonl").read_bytes()
     assert "Groups used: 2" in result.stdout
 
 
@@ -144,7 +150,7 @@ def test_single_parquet_file_input(tmp_path, cli):
 
 
 def test_takes_the_latest_build_context_output_from_the_manifest(tmp_path, cli):
-    from cellpuzzle_cli.manifest import Artifact, Manifest
+    from cellpuzzle_cli.manifest import Artifact, Kind, Manifest
 
     cells = donors_dataset(tmp_path / "cells", n_donors=1)
     Manifest(cli.manifest).record("build-context", {}, [], [Artifact(cells, "cells")],
@@ -153,9 +159,9 @@ def test_takes_the_latest_build_context_output_from_the_manifest(tmp_path, cli):
     assert result.code == 0, result.output
     assert "Using cells folder from the manifest" in result.output
     entry = Manifest(cli.manifest).latest("make-qa")
-    assert entry["inputs"][0]["path"] == "cells"
-    assert entry["outputs"][0]["name"] == "puzzles" and entry["outputs"][0]["nfiles"] == 2
-    assert Manifest(cli.manifest).latest_output("make-qa", "puzzles") == (tmp_path / "puzzles")
+    assert entry.inputs[0].path == "cells"
+    assert entry.outputs[0].name == "puzzles" and entry.outputs[0].nfiles == 3  # + settings, stamp
+    assert Manifest(cli.manifest).latest_output(Kind.PUZZLES) == (tmp_path / "puzzles")
 
 
 @pytest.mark.parametrize("case", ["no_cell_files", "existing_output", "missing_column",

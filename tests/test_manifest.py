@@ -11,7 +11,7 @@ import pytest
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_output_dir
-from cellpuzzle_cli.manifest import Artifact, Manifest, describe
+from cellpuzzle_cli.manifest import PRODUCES, STAMP_FILE, Artifact, Kind, Manifest, describe
 
 
 def _append(path: str, i: int) -> None:
@@ -41,7 +41,7 @@ def test_entry_records_relative_paths_hashes_and_versions(tmp_path):
                                    "size": 3, "nfiles": 2}
     assert entry["params"] == {"seed": 1}
     assert entry["versions"]["cellpuzzle"]
-    assert m.latest_output("make-qa", "puzzles") == out.resolve()
+    assert m.latest_output(Kind.PUZZLES) == out.resolve()
 
 
 def test_folder_hash_changes_with_content(tmp_path):
@@ -60,8 +60,8 @@ def test_latest_output_prefers_newest_and_sibling_lookup(tmp_path):
         (d / "test.jsonl").write_text("{}")
         m.record("split", {}, [], [Artifact(d / "train.jsonl", "train"),
                                    Artifact(d / "test.jsonl", "test")], time.time())
-    assert m.latest_output("split", "test") == (tmp_path / "split1" / "test.jsonl").resolve()
-    assert m.find_sibling_output(tmp_path / "split0" / "test.jsonl", "train") == \
+    assert m.latest_output(Kind.TEST_PUZZLES) == (tmp_path / "split1" / "test.jsonl").resolve()
+    assert m.sibling_output(tmp_path / "split0" / "test.jsonl", Kind.TRAIN_PUZZLES) == \
         (tmp_path / "split0" / "train.jsonl").resolve()
 
 
@@ -74,7 +74,7 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     for p in procs:
         p.join(60)
     entries = Manifest(path).entries()
-    assert sorted(e["params"]["shard_index"] for e in entries) == list(range(6))
+    assert sorted(e.params["shard_index"] for e in entries) == list(range(6))
 
 
 def test_corrupt_manifest_is_a_user_error(tmp_path):
@@ -122,5 +122,81 @@ def test_one_run_hashes_a_shared_input_once_but_every_output(tmp_path, monkeypat
                  time.time())
     assert hashed.count(model) == 1
     assert sum(p.name.startswith("shard-") for p in hashed) == 3
-    sums = {e["inputs"][0]["sha256"] for e in m.entries()}
+    sums = {e.inputs[0].sha256 for e in m.entries()}
     assert sums == {describe(model)["sha256"]}
+
+
+@pytest.mark.parametrize("document, fragment", [
+    ({"schema": 1}, "no 'entries' list"),
+    ({"schema": 1, "entries": [{"id": "a", "command": "split"}]}, "entry 1 lacks 'params'"),
+    ({"schema": 1, "entries": [{"id": "a", "command": "split", "params": {}, "inputs": [],
+                                "started": "t", "finished": "t", "duration_s": 1}]},
+     "entry 1 lacks 'outputs'"),
+    ({"schema": 1, "entries": [{"id": "a", "command": "split", "params": {}, "inputs": [],
+                                "outputs": [{"path": "x"}], "started": "t", "finished": "t",
+                                "duration_s": 1}]}, "output 1 lacks a text 'name'"),
+    ({"schema": 1, "entries": ["split"]}, "entry 1 is not an object"),
+])
+def test_malformed_manifest_names_what_is_wrong(tmp_path, document, fragment):
+    bad = tmp_path / "m.json"
+    bad.write_bytes(orjson.dumps(document))
+    with pytest.raises(UserError, match="malformed") as info:
+        Manifest(bad).check()
+    assert fragment in str(info.value)
+
+
+def test_manifest_that_is_a_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        Manifest(tmp_path).check()
+
+
+def test_every_model_producer_is_found_as_the_latest_model(tmp_path):
+    m = Manifest(tmp_path / "m.json")
+    makers = [c for c, outs in PRODUCES.items() if Kind.MODEL in outs.values()]
+    assert {"init-model", "merge-lora", "convert-ckpt", "rl grpo"} <= set(makers)
+    for command in makers:
+        folder = tmp_path / command.replace(" ", "-")
+        folder.mkdir()
+        name = next(n for n, k in PRODUCES[command].items() if k is Kind.MODEL)
+        m.record(command, {}, [], [Artifact(folder, name)], time.time())
+        assert m.latest_output(Kind.MODEL) == folder.resolve(), command
+
+
+def test_recording_an_output_the_registry_does_not_know_fails(tmp_path):
+    with pytest.raises(ValueError, match="PRODUCES"):
+        Manifest(tmp_path / "m.json").record("split", {}, [], [Artifact(tmp_path, "model")],
+                                              time.time())
+
+
+def test_base_model_of_an_adapter(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    for folder in (base, adapter):
+        folder.mkdir()
+    m = Manifest(tmp_path / "m.json")
+    m.record("sft", {}, [Artifact(base, "base_model")], [Artifact(adapter, "adapter")], time.time())
+    assert m.base_model_of(adapter) == base.resolve()
+    assert m.base_model_of(base) is None
+
+
+def test_a_step_knows_its_own_output_recorded_or_not(tmp_path):
+    data, out = tmp_path / "in.txt", tmp_path / "out"
+    data.write_text("cells")
+    m = Manifest(tmp_path / "m.json")
+
+    def step(seed: int = 1):
+        return m.step("make-qa", {"seed": seed}, [Artifact(data, "cells")],
+                      [Artifact(out, "puzzles")], out)
+
+    assert step().state() == "new"
+    with step().publishing(), atomic_output_dir(out) as tmp:
+        (tmp / "puzzles.jsonl").write_text("{}")
+    assert (out / STAMP_FILE).is_file()
+    assert step().state() == "unrecorded"      # killed between publishing and recording
+    assert step(seed=2).state() == "new"       # other settings: not this run's output
+    step().record(time.time())
+    assert step().state() == "up to date"
+    (out / "puzzles.jsonl").write_text("edited")
+    assert step().state() == "new"             # changed since it was recorded
+    data.write_text("other cells")
+    assert Manifest(m.path).step("make-qa", {"seed": 1}, [Artifact(data, "cells")],
+                                 [Artifact(out, "puzzles")], out).state() == "new"

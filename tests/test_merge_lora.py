@@ -80,7 +80,7 @@ def test_merged_logits_equal_peft_logits(which, saved, request, cli, records, tm
     result = cli("merge-lora", adapter, "-o", out)
     assert result.code == 0, result.output
     for name in ("config.json", "model.safetensors", "tokenizer_config.json",
-                 "generation_config.json", "merge-lora.json"):
+                 "generation_config.json", ".cellpuzzle-run.json"):
         assert (out / name).is_file(), name
     tok = AutoTokenizer.from_pretrained(out)
     text = records[0]["user_msg"]

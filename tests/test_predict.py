@@ -81,8 +81,10 @@ def test_hf_backend_batched_lines_equal_one_at_a_time_generation(cli, assets, tm
         assert row["answer"] == gold[pid]["assistant_msg"] and row["n"] == gold[pid]["n"]
         assert row["backend"] == "hf" and row["model"] == str(assets["model"].resolve())
         assert row["error"] is None and row["completion_tokens"] == 6 and row["prompt_tokens"] > 50
-    config = orjson.loads((out / "predict-config.json").read_bytes())
-    assert config["run"]["max_new_tokens"] == 6 and config["config"]["batch_size"] == 5
+    run = orjson.loads((out / ".predict-run.json").read_bytes())
+    assert run["max_new_tokens"] == 6
+    saved = build_config(PredictConfig, out / "predict.yaml")  # reloads as a --config file
+    assert saved.max_new_tokens == 6 and saved.batch_size == 5 and saved.backend == "hf"
 
 
 def test_three_shards_cover_the_set_and_are_recorded_for_score(cli, assets, tmp_path):
@@ -95,14 +97,14 @@ def test_three_shards_cover_the_set_and_are_recorded_for_score(cli, assets, tmp_
     assert sorted(x for shard in ids for x in shard) == sorted(r["puzzle_id"] for r in assets["records"])
     assert [len(x) for x in ids] == [4, 4, 4]
     m = Manifest(cli.manifest)
-    entries = [e for e in m.entries() if e["command"] == "predict"]
-    assert [e["params"]["shard_index"] for e in entries] == [0, 1, 2]
+    entries = [e for e in m.entries() if e.command == "predict"]
+    assert [e.params["shard_index"] for e in entries] == [0, 1, 2]
     for i, e in enumerate(entries):
-        p = e["params"]
+        p = e.params
         assert (p["num_shards"], p["complete"], p["backend"]) == (3, True, "hf")
         assert m.resolve(p["output_dir"]) == out.resolve()
         assert p["model"] == str(assets["model"].resolve())
-        assert [(o["name"], o["path"]) for o in e["outputs"]] == [
+        assert [(o.name, o.path) for o in e.outputs] == [
             ("predictions", m.relative(out / f"shard-{i}-of-3.jsonl"))]
 
 
@@ -138,7 +140,7 @@ def test_sigkilled_shard_resumes_to_the_exact_set_without_duplicates(cli, assets
     expected = [r["puzzle_id"] for r in select_shard(records, Shard(1, 2))]
     assert ids == expected and len(set(ids)) == 20
     entry = Manifest(cli.manifest).entries()[-1]
-    assert entry["params"]["resumed"] == written and entry["params"]["complete"] is True
+    assert entry.params["resumed"] == written and entry.params["complete"] is True
 
 
 def test_resume_with_other_settings_is_refused(cli, assets, tmp_path):
@@ -206,13 +208,13 @@ def test_prompts_too_long_become_errors_not_answers(cli, assets, tmp_path):
             assert row["prediction"] is None and "exceeds the model length 700" in row["error"]
         else:
             assert row["error"] is None and isinstance(row["prediction"], str)
-    assert Manifest(cli.manifest).entries()[-1]["params"]["errors"] == 2
+    assert Manifest(cli.manifest).entries()[-1].params["errors"] == 2
     result = cli("predict", "--model", assets["model"], "--data", assets["data"], "-o", out, *GEN,
                  "--retry-errors")
     assert result.code == 0, result.output
     rows = lines(out / "shard-0-of-1.jsonl")
     assert len(rows) == 12 and all(r["error"] is None for r in rows)
-    assert Manifest(cli.manifest).entries()[-1]["params"]["resumed"] == 10
+    assert Manifest(cli.manifest).entries()[-1].params["resumed"] == 10
 
 
 def test_vllm_backend_without_vllm_names_the_extra(cli, assets, tmp_path):
@@ -270,7 +272,7 @@ def test_model_and_data_default_to_the_manifest(cli, assets, tmp_path):
     assert result.code == 0, result.output
     assert len(lines(out / "shard-2-of-3.jsonl")) == 4
     entry = Manifest(cli.manifest).entries()[-1]
-    assert {i["name"] for i in entry["inputs"]} == {"test", "model"}
+    assert {i.name for i in entry.inputs} == {"test", "model"}
 
 
 def test_model_defaults_to_the_newest_rl_model(cli, assets, tmp_path):
@@ -299,7 +301,7 @@ def test_baseline_backend_via_the_cli(cli, assets, tmp_path):
         answer = row["prediction"].split("<answer>")[1].split("</answer>")[0]
         assert sorted(t.strip() for t in answer.split("|")) == sorted(rec["assistant_msg"].split(" | "))
     entry = Manifest(cli.manifest).entries()[-1]
-    assert {i["name"] for i in entry["inputs"]} == {"test", "train"}
+    assert {i.name for i in entry.inputs} == {"test", "train"}
 
 
 def test_ray_runs_the_shards_like_launching_them_by_hand(cli, assets, tmp_path):
@@ -316,11 +318,21 @@ def test_ray_runs_the_shards_like_launching_them_by_hand(cli, assets, tmp_path):
         name = f"shard-{i}-of-2.jsonl"
         assert ([{k: r[k] for k in keep} for r in lines(on_ray / name)]
                 == [{k: r[k] for k in keep} for r in lines(by_hand / name)])
-    entries = [e for e in Manifest(cli.manifest).entries() if e["command"] == "predict"]
-    assert sorted(e["params"]["shard_index"] for e in entries[2:]) == [0, 1]
+    entries = [e for e in Manifest(cli.manifest).entries() if e.command == "predict"]
+    assert sorted(e.params["shard_index"] for e in entries[2:]) == [0, 1]
 
 
 def test_ray_address_that_nobody_listens_on_is_a_clear_error(cli, assets, tmp_path):
     result = cli("predict", "--model", assets["model"], "--data", assets["data"], "-o", tmp_path / "r",
                  "--ray", "--num-shards", "2", "--ray-address", "127.0.0.1:1", *GEN)
-    assert_user_error(result, "cannot reach the ray cluster", "127.0.0.1:1")
+    assert_user_error(result, "no ray cluster answers at 127.0.0.1:1")
+
+
+def test_a_wrong_model_path_leaves_nothing_and_the_corrected_run_works(cli, assets, tmp_path):
+    out = tmp_path / "typo"
+    result = cli("predict", "--model", tmp_path / "no-such-model", "--data", assets["data"],
+                 "-o", out, *GEN)
+    assert_user_error(result, "no-such-model")
+    assert not out.exists()
+    result = cli("predict", "--model", assets["model"], "--data", assets["data"], "-o", out, *GEN)
+    assert result.code == 0, result.output

@@ -135,7 +135,7 @@ def test_a_listener_that_is_not_ray_is_refused():
     import grpc
 
     from cellpuzzle_cli.errors import UserError
-    from cellpuzzle_cli.rl.verl_backend import check_ray_address
+    from cellpuzzle_cli.ray_cluster import check_ray_address
 
     server = grpc.server(futures.ThreadPoolExecutor(1))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -151,7 +151,7 @@ def test_a_listener_that_is_not_ray_is_refused():
 def test_a_live_ray_head_passes_the_check():
     import ray
 
-    from cellpuzzle_cli.rl.verl_backend import check_ray_address
+    from cellpuzzle_cli.ray_cluster import check_ray_address
 
     ray.init(num_cpus=1, include_dashboard=False)
     try:

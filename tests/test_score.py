@@ -60,7 +60,7 @@ def test_metrics_and_json_keys(cli, tmp_path):
     assert 0 <= lo <= r["exact_match"] <= hi <= 1
     # The run is recorded, with the report as its output.
     entry = Manifest(cli.manifest).latest("score")
-    assert [o["name"] for o in entry["outputs"]] == ["report"]
+    assert [o.name for o in entry.outputs] == ["report"]
 
 
 def test_same_seed_same_report(cli, tmp_path):

@@ -110,7 +110,7 @@ def test_cli_is_deterministic_with_system_prompt_override(tmp_path, cli):
     for out in outs:
         result = cli("split", source, "-o", out, "--seed", "5", "--system-prompt-file", prompt)
         assert result.code == 0, result.output
-    for name in ("train.jsonl", "test.jsonl", "split.json"):
+    for name in ("train.jsonl", "test.jsonl", "split.yaml"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     assert {r["system_msg"] for r in read(outs[0] / "train.jsonl")} == {
         "Answer as <answer>a | b</answer>."}
@@ -121,7 +121,7 @@ def test_cli_is_deterministic_with_system_prompt_override(tmp_path, cli):
 
 
 def test_chains_from_make_qa_and_records_train_and_test(tmp_path, cli):
-    from cellpuzzle_cli.manifest import Manifest
+    from cellpuzzle_cli.manifest import Kind, Manifest
 
     cells = donors_dataset(tmp_path / "cells", n_donors=3)
     assert cli("make-qa", cells, "-o", tmp_path / "puzzles", "--per-n", "2").code == 0
@@ -129,10 +129,10 @@ def test_chains_from_make_qa_and_records_train_and_test(tmp_path, cli):
     assert result.code == 0, result.output
     m = Manifest(cli.manifest)
     entry = m.latest("split")
-    assert [o["name"] for o in entry["outputs"]] == ["train", "test"]
-    assert entry["inputs"][0]["path"] == "puzzles"
+    assert [o.name for o in entry.outputs] == ["train", "test"]
+    assert entry.inputs[0].path == "puzzles"
     test_path = tmp_path / "splits" / "test.jsonl"
-    assert m.find_sibling_output(test_path, "train") == tmp_path / "splits" / "train.jsonl"
+    assert m.sibling_output(test_path, Kind.TRAIN_PUZZLES) == tmp_path / "splits" / "train.jsonl"
 
 
 @pytest.mark.parametrize("case", ["unknown_group_by", "one_donor", "existing_output",

@@ -93,7 +93,10 @@ def test_wrong_fields_and_existing_output_are_refused(cli, tmp_path):
     assert_refused(cli("to-parquet", bad, "-o", tmp_path / "rl"), "assistant_msg", "label, user_msg")
     train = write_records(tmp_path / "train.jsonl", make_records(5, seed=8))
     assert cli("to-parquet", train, "-o", tmp_path / "rl").code == 0
-    assert_refused(cli("to-parquet", train, "-o", tmp_path / "rl"), "already holds results")
+    again = cli("to-parquet", train, "-o", tmp_path / "rl")  # the same run: nothing to redo
+    assert again.code == 0 and "is up to date" in again.output
+    other = cli("to-parquet", train, "-o", tmp_path / "rl", "--val-size", "2")
+    assert_refused(other, "already holds results")
 
 
 def test_rl_rows_are_reusable():

@@ -10,7 +10,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_answer, format_question
+from cellpuzzle_cli.answer import format_answer
+from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
 
 MARKERS: dict[str, list[str]] = {
     "T cell": ["CD3D", "CD3E", "IL7R"],

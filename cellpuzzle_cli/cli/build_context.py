@@ -73,7 +73,7 @@ def build_context(
     from cellpuzzle_cli.context import build_context as run
     from cellpuzzle_cli.manifest import Artifact
 
-    started = start()
+    started = start(ctx)
     config = ContextConfig(top_genes=top_genes, cell_type_col=cell_type_col,
                            cell_type_id_col=cell_type_id_col, donor_col=donor_col,
                            batch_col=batch_col, gene_col=gene_col, max_cells=max_cells, seed=seed,

@@ -10,14 +10,14 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.manifest import Artifact, Manifest
+from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord, Step
 
+T = TypeVar("T")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -25,14 +25,16 @@ err_console = Console(stderr=True)
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 OptionalOutputDir = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+_SEED_HELP = "Seed for every random choice (0 to 4294967295); same seed, same bytes."
+Seed = Annotated[int, typer.Option("--seed", help=_SEED_HELP)]
+# For config-driven commands, where the seed otherwise comes from the config's `seed` key.
+OptionalSeed = Annotated[int | None, typer.Option("--seed", help=_SEED_HELP + " Default: the "
+                                                  "config's seed key.", show_default=False)]
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML settings file, e.g. the <command>.yaml a previous run saved "
+                           "beside its output; options and key=value overrides win over it.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value config overrides.", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside a model folder (off by default: model folders come from strangers).")]
-
-
-# `rl` records its runs under the subcommand's full name.
-RL_COMMANDS = ("rl grpo", "rl ppo")
 
 
 def manifest(ctx: typer.Context) -> Manifest:
@@ -40,22 +42,20 @@ def manifest(ctx: typer.Context) -> Manifest:
     return ctx.find_root().obj["manifest"]
 
 
-def input_or_latest(ctx: typer.Context, given: Path | None, commands: str | tuple[str, ...],
-                    what: str, name: str | None = None) -> Path:
-    """The user's input, else the latest matching output recorded in the manifest."""
-    if given is not None:
-        return given
-    m = manifest(ctx)
-    found = m.latest_output(commands, name)
-    if found is None:
-        steps = commands if isinstance(commands, str) else " or ".join(commands)
-        raise UserError(f"No {what} given and the manifest {m.path} records no `{steps}` run to "
-                        f"take it from. Pass the {what} explicitly, or run `cellpuzzle {steps}` first.")
-    if not found.exists():
-        raise UserError(f"The manifest {m.path} points to {found} for the {what}, but it no longer "
-                        "exists. Pass the input explicitly or re-run the step that made it.")
-    err_console.print(f"[dim]Using {what} from the manifest: {found}[/dim]")
-    return found
+def input_or_latest(ctx: typer.Context, given: Path | None, kind: Kind, what: str) -> Path:
+    """The user's input, else the newest recorded artifact of `kind` (said on stderr)."""
+    resolved = manifest(ctx).input_or_latest(given, kind, what)
+    say(resolved.note(what))
+    return resolved.path
+
+
+def say(*notes: str | None) -> None:
+    """Service notes (e.g. which input the manifest supplied), dimmed on stderr."""
+    from rich.markup import escape
+
+    for note in notes:
+        if note:
+            err_console.print(f"[dim]{escape(note)}[/dim]")
 
 
 def record(ctx: typer.Context, command: str, params: dict[str, Any], started: float,
@@ -65,21 +65,49 @@ def record(ctx: typer.Context, command: str, params: dict[str, Any], started: fl
     def art(x: Path | Artifact, default: str) -> Artifact:
         return x if isinstance(x, Artifact) else Artifact(Path(x), default)
 
-    manifest(ctx).record(command, _jsonable(params), [art(i, "input") for i in inputs],
+    manifest(ctx).record(command, params, [art(i, "input") for i in inputs],
                          [art(o, "output") for o in outputs], started, extra=extra)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+def record_run(ctx: typer.Context, command: str, run: RunRecord, started: float) -> None:
+    """Append a run a service described (see `manifest.RunRecord`)."""
+    manifest(ctx).record(command, run.params, run.inputs, run.outputs, started, extra=run.extra)
 
 
-def start() -> float:
+def step_settings(ctx: typer.Context, cls: type[T], config: Path | None, **options: Any) -> T:
+    """A step's settings: dataclass defaults < `--config` YAML < options given on the command
+    line (an option left at its default does not override the file)."""
+    from cellpuzzle_cli.config import build_config
+
+    def on_command_line(name: str) -> bool:  # by name: Typer ships its own copy of click
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return build_config(cls, config, {k: v for k, v in options.items() if on_command_line(k)})
+
+
+def begin_step(ctx: typer.Context, command: str, params: dict[str, Any],
+               inputs: list[Artifact], outputs: list[Artifact], folder: Path,
+               overwrite: bool) -> Step | None:
+    """The step about to write `folder`, or None when that folder already holds this very run
+    (up to date, or finished but unrecorded because the run was killed: recorded now)."""
+    step = manifest(ctx).step(command, params, inputs, outputs, folder)
+    state = "new" if overwrite else step.state()
+    if state == "up to date":
+        console.print(f"[bold]{folder} is up to date[/bold]: this `{command}` run made it from the "
+                      "same inputs and settings, and it is unchanged since. Nothing to do.")
+        return None
+    if state == "unrecorded":
+        step.record(time.time(), {"recovered": True})
+        console.print(f"[bold]{folder} was already made[/bold] by an interrupted `{command}` run "
+                      "with these inputs and settings; it is recorded in the manifest now.")
+        return None
+    return step
+
+
+def start(ctx: typer.Context) -> float:
+    """The run's start time, after checking that the manifest can be read (before any work)."""
+    manifest(ctx).check()
     return time.time()
 
 

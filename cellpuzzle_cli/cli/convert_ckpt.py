@@ -7,17 +7,19 @@ from typing import Annotated
 
 import typer
 
+from cellpuzzle_cli.checkpoint import ConvertSettings
 from cellpuzzle_cli.cli.common import (
-    RL_COMMANDS,
+    ConfigFile,
     OutputDir,
     Overwrite,
+    begin_step,
     console,
     input_or_latest,
     progress_bar,
-    record,
     start,
+    step_settings,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 
 def convert_ckpt(
@@ -29,23 +31,32 @@ def convert_ckpt(
     output: OutputDir = Path("hf-model"),
     dtype: Annotated[str, typer.Option(
         "--dtype", help="keep (default: the dtype the shards hold), bf16, fp16 or fp32. verl's own "
-                        "merger always casts to bf16.")] = "keep",
+                        "merger always casts to bf16.")] = ConvertSettings.dtype,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """verl FSDP checkpoint shards (any world size) to a Hugging Face safetensors folder.
 
     Example: [bold]cellpuzzle convert-ckpt checkpoints/ -o hf-model[/bold]
     """
-    from cellpuzzle_cli.checkpoint import convert_checkpoint
+    from cellpuzzle_cli.checkpoint import convert_checkpoint, find_actor_dir
 
-    started = start()
-    ckpt = input_or_latest(ctx, checkpoint, RL_COMMANDS, "checkpoint", name="checkpoints")
-    with progress_bar("convert-ckpt") as update:
-        result = convert_checkpoint(ckpt, output, dtype=dtype, overwrite=overwrite, progress=update)
+    started = start(ctx)
+    settings = step_settings(ctx, ConvertSettings, config, dtype=dtype)
+    ckpt = input_or_latest(ctx, checkpoint, Kind.CHECKPOINTS, "checkpoint")
+    actor = find_actor_dir(ckpt)
+    step = begin_step(ctx, "convert-ckpt", {"checkpoint": ckpt, "dtype": settings.dtype},
+                      [Artifact(actor, "checkpoint")], [Artifact(output, "model")], output,
+                      overwrite)
+    if step is None:
+        return
+    with step.publishing(), progress_bar("convert-ckpt") as update:
+        result = convert_checkpoint(ckpt, output, dtype=settings.dtype, overwrite=overwrite,
+                                    progress=update)
     console.print(f"[green]Converted[/green] {result.actor_dir} ({result.world_size} rank(s)) -> "
                   f"{result.output}: {result.n_tensors} tensors, {result.n_parameters:,} parameters, "
                   f"dtype {', '.join(result.dtypes)}"
                   + (f"; tied copies dropped: {', '.join(result.dropped_tied)}"
                      if result.dropped_tied else ""))
-    record(ctx, "convert-ckpt", {"checkpoint": ckpt, "output": output, "dtype": dtype}, started,
-           [Artifact(result.actor_dir, "checkpoint")], [Artifact(result.output, "model")])
+    step.record(started, {"summary": {"world_size": result.world_size,
+                                      "dropped_tied": result.dropped_tied}})

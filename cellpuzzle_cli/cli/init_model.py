@@ -18,7 +18,7 @@ from cellpuzzle_cli.cli.common import (
     start,
 )
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 
 def init_model(
@@ -44,8 +44,8 @@ def init_model(
                         "real model, give its folder to `cellpuzzle sft --model`.")
     from cellpuzzle_cli.tiny_model import init_tiny_model
 
-    started = start()
-    train = input_or_latest(ctx, data, "split", "training data (--data)", name="train")
+    started = start(ctx)
+    train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
     with progress_bar("init-model") as update:
         result = init_tiny_model(train, output, seed=seed, overwrite=overwrite, progress=update)
     console.print(f"[bold green]Tiny model written to {result.out}[/bold green]: "

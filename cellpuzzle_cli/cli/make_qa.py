@@ -8,15 +8,19 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
     OutputDir,
     Overwrite,
     Seed,
+    begin_step,
     console,
     input_or_latest,
     progress_bar,
-    record,
     start,
+    step_settings,
 )
+from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.puzzles import PuzzleConfig
 
 
 def make_qa(
@@ -26,46 +30,53 @@ def make_qa(
         help="Cell tables from build-context: a folder (searched recursively) or one .parquet "
              "file. Default: the latest build-context output in the manifest.",
         show_default=False)] = None,
-    min_n: Annotated[int, typer.Option("--min-n", help="Smallest puzzle (cells per puzzle).")] = 3,
+    min_n: Annotated[int, typer.Option("--min-n", help="Smallest puzzle (cells per puzzle).")]
+    = PuzzleConfig.min_n,
     max_n: Annotated[int, typer.Option("--max-n", help="Largest puzzle; capped per group by "
-                                                       "its number of cell types.")] = 15,
+                                                       "its number of cell types.")]
+    = PuzzleConfig.max_n,
     per_n: Annotated[int, typer.Option("--per-n", help="Puzzles per N per donor group (fewer "
                                                        "when a group runs out of distinct "
-                                                       "cell sets).")] = 20,
-    seed: Seed = 0,
+                                                       "cell sets).")] = PuzzleConfig.per_n,
+    seed: Seed = PuzzleConfig.seed,
     sort_candidates: Annotated[bool, typer.Option(
         "--sort-candidates", help="List candidates alphabetically (Cell-o1's layout) instead "
-                                  "of shuffled.")] = False,
+                                  "of shuffled.")] = PuzzleConfig.sort_candidates,
     ignore_batch: Annotated[bool, typer.Option(
         "--ignore-batch", help="Group by (dataset, donor) only, even where batch_id is set.")]
-    = False,
+    = PuzzleConfig.ignore_batch,
     test_cells: Annotated[float, typer.Option(
         "--test-cells", help="For single-donor data: reserve this fraction of each type's cells "
                              "for test puzzles (tagged cell_fold), so `split --group-by cell` "
-                             "loses no puzzle to leakage. 0: off.")] = 0.0,
+                             "loses no puzzle to leakage. 0: off.")] = PuzzleConfig.test_cells,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Cells to CellPuzzles: N cells, N candidate types, one donor.
 
     Writes [bold]puzzles.jsonl[/bold] (puzzle_id, dataset, group, donor_id, n, cell_ids,
-    question, answer, candidates) and make-qa.json (the settings) into the output folder.
+    question, answer, candidates) and make-qa.yaml (the settings, reloadable with --config)
+    into the output folder.
 
     Example: [bold]cellpuzzle make-qa cells/ -o puzzles/ --min-n 3 --max-n 15 --per-n 20[/bold]
     """
-    from cellpuzzle_cli.puzzles import PuzzleConfig, make_puzzles
+    from cellpuzzle_cli.config import settings_dict
+    from cellpuzzle_cli.puzzles import make_puzzles
 
-    started = start()
-    cells_path = input_or_latest(ctx, cells, "build-context", "cells folder", name="cells")
-    config = PuzzleConfig(min_n=min_n, max_n=max_n, per_n=per_n, seed=seed,
-                          sort_candidates=sort_candidates, use_batch=not ignore_batch,
-                          test_cells=test_cells)
-    with progress_bar("Sampling puzzles", unit="groups") as update:
-        result = make_puzzles(cells_path, output, config, overwrite=overwrite, progress=update)
+    started = start(ctx)
+    settings = step_settings(ctx, PuzzleConfig, config, min_n=min_n, max_n=max_n, per_n=per_n,
+                             seed=seed, sort_candidates=sort_candidates,
+                             ignore_batch=ignore_batch, test_cells=test_cells)
+    cells_path = input_or_latest(ctx, cells, Kind.CELLS, "cells folder")
+    step = begin_step(ctx, "make-qa", {**settings_dict(settings), "cells": cells_path},
+                      [Artifact(cells_path, "cells")], [Artifact(output, "puzzles")], output,
+                      overwrite)
+    if step is None:
+        return
+    with step.publishing(), progress_bar("Sampling puzzles", unit="groups") as update:
+        result = make_puzzles(cells_path, output, settings, overwrite=overwrite, progress=update)
     _print_summary(result)
-    from cellpuzzle_cli.manifest import Artifact
-
-    record(ctx, "make-qa", result.params, started, inputs=[Artifact(cells_path, "cells")],
-           outputs=[Artifact(output, "puzzles")])
+    step.record(started, {"summary": result.summary()})
 
 
 def _print_summary(result) -> None:

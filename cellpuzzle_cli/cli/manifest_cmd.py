@@ -20,7 +20,7 @@ def _size(n: int) -> str:
 def show(
     ctx: typer.Context,
     command: Annotated[str, typer.Option("--command", help="Only runs of this command.")] = "",
-    last: Annotated[int, typer.Option("--last", help="Only the last N runs (0: all).")] = 0,
+    last: Annotated[int, typer.Option("--last", min=0, help="Only the last N runs (0: all).")] = 0,
 ) -> None:
     """Show the runs recorded in the manifest: what made which file, from what.
 
@@ -29,15 +29,15 @@ def show(
     from rich.table import Table
 
     m = manifest(ctx)
-    entries = [e for e in m.entries() if not command or e["command"] == command]
+    entries = [e for e in m.entries() if not command or e.command == command]
     if last:
         entries = entries[-last:]
     table = Table(title=f"{m.path} — {len(entries)} run(s)")
     for col in ("finished", "command", "inputs", "outputs", "duration"):
         table.add_column(col)
     for e in entries:
-        ins = "\n".join(a["path"] for a in e["inputs"])
-        outs = "\n".join(f"{a['name']}: {a['path']} ({a['nfiles']} files, {_size(a['size'])}, "
-                         f"{(a['sha256'] or '')[:10]})" for a in e["outputs"])
-        table.add_row(e["finished"][:19], e["command"], ins, outs, f"{e['duration_s']:.1f}s")
+        ins = "\n".join(a.path for a in e.inputs)
+        outs = "\n".join(f"{a.name}: {a.path} ({a.nfiles} files, {_size(a.size)}, "
+                         f"{(a.sha256 or '')[:10]})" for a in e.outputs)
+        table.add_row(e.finished[:19], e.command, ins, outs, f"{e.duration_s:.1f}s")
     console.print(table)

@@ -11,15 +11,15 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     TrustRemoteCode,
+    begin_step,
     console,
     input_or_latest,
     manifest,
     progress_bar,
     quiet_libraries,
-    record,
     start,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 
 def merge_lora(
@@ -43,18 +43,17 @@ def merge_lora(
     """
     from cellpuzzle_cli.lora import merge_adapter, plan_merge
 
-    started = start()
-    adapter = input_or_latest(ctx, adapter, "sft", "adapter", name="adapter")
-    plan = plan_merge(manifest(ctx), adapter, base, output, overwrite)
-    if plan.up_to_date:
-        console.print(f"[bold]{output} is up to date[/bold]: merged from the same adapter "
-                      "and base model, unchanged since. Nothing to do.")
+    started = start(ctx)
+    adapter = input_or_latest(ctx, adapter, Kind.ADAPTER, "adapter")
+    plan = plan_merge(manifest(ctx), adapter, base)
+    step = begin_step(ctx, "merge-lora", {"adapter": adapter, "base": plan.base}, plan.inputs,
+                      [Artifact(output, "model")], output, overwrite)
+    if step is None:
         return
     quiet_libraries()
-    with progress_bar("merge-lora") as update:
+    with step.publishing(), progress_bar("merge-lora") as update:
         result = merge_adapter(adapter, output, plan.base, overwrite=overwrite,
                                trust_remote_code=trust_remote_code, progress=update)
     console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
                   f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")
-    record(ctx, "merge-lora", {"adapter": adapter, "base": plan.base, "overwrite": overwrite},
-           started, plan.inputs, [Artifact(output, "model")])
+    step.record(started)

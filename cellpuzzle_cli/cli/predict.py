@@ -8,23 +8,20 @@ from typing import Annotated, Any
 import typer
 
 from cellpuzzle_cli.cli.common import (
-    RL_COMMANDS,
     ConfigFile,
     OptionalOutputDir,
+    OptionalSeed,
     Overrides,
     Overwrite,
     TrustRemoteCode,
     console,
     err_console,
-    input_or_latest,
     manifest,
     progress_bar,
-    record,
+    record_run,
+    say,
     start,
 )
-from cellpuzzle_cli.errors import UserError
-
-MODEL_COMMANDS = ("merge-lora", "convert-ckpt", *RL_COMMANDS, "init-model")
 
 
 def _options(**given: Any) -> dict[str, Any]:
@@ -37,13 +34,13 @@ def predict(
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Test puzzles (.jsonl, .json or .parquet). Default: the latest split's test file.")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="Predict shard i of n (i from 0), e.g. 0/4. Default: the whole set (0/1).")] = None,
     output: OptionalOutputDir = None,
-    backend: Annotated[str | None, typer.Option("--backend", "-b", help="hf (transformers), vllm (GPU), baseline (marker genes, no model) or auto (vllm when installed with a GPU, else hf).")] = None,
-    train: Annotated[Path | None, typer.Option("--train", help="baseline only: training puzzles. Default: the train file split beside the test data.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", "-b", help="hf (transformers), vllm (GPU), baseline (marker genes, no model), celltypist (full-expression reference, no model) or auto (vllm when installed with a GPU, else hf).")] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="baseline/celltypist: training puzzles. Default: the train file split beside the test data (or Cell-o1's ../train/train_data.json).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per batch (hf default 16).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy (default).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per puzzle (needs --temperature > 0).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    seed: OptionalSeed = None,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Prompt + answer token limit; longer prompts become errors.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option("--tensor-parallel-size", help="vllm: GPUs per model copy.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option("--gpu-memory-utilization", help="vllm: fraction of GPU memory to use.")] = None,
@@ -67,99 +64,28 @@ def predict(
     Example: cellpuzzle predict --backend baseline -o preds-baseline
     """
     from cellpuzzle_cli.config import build_config, parse_overrides
-    from cellpuzzle_cli.predict import PredictConfig, PredictSettings, parse_shard
-    from cellpuzzle_cli.predict.backends import resolve_backend
-    from cellpuzzle_cli.predict.records import cello1_train_file
-    from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS
+    from cellpuzzle_cli.predict import PredictConfig
+    from cellpuzzle_cli.predict.command import PredictRequest
+    from cellpuzzle_cli.predict.command import predict as run
 
-    started = start()
+    started = start(ctx)
     values = parse_overrides(overrides)
     values.update(_options(backend=backend, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            temperature=temperature, n=n, seed=seed, max_model_len=max_model_len,
                            tensor_parallel_size=tensor_parallel_size,
                            gpu_memory_utilization=gpu_memory_utilization))
     cfg = build_config(PredictConfig, config, values, default_file="predict.yaml")
-    if ray:
-        if shard is not None:
-            raise UserError("--ray runs every shard itself: drop --shard and give --num-shards N.")
-        if num_shards is None:
-            raise UserError("--ray needs --num-shards N: the number of shards to run as Ray tasks "
-                            "(e.g. one per GPU).")
-        spec = parse_shard(f"0/{num_shards}")
-    else:
-        if num_shards is not None or ray_address is not None:
-            raise UserError("--num-shards and --ray-address go with --ray. Without --ray, run one "
-                            "shard per command with --shard i/n.")
-        spec = parse_shard(shard)
-    chosen = resolve_backend(cfg.backend)
-    data = input_or_latest(ctx, data, "split", "test data", name="test")
-    m = manifest(ctx)
-    if chosen in TRAINED_BACKENDS:
-        if train is None:
-            train = m.find_sibling_output(data, "train")
-        if train is None and (train := cello1_train_file(data)) is not None:
-            err_console.print(f"[dim]Training puzzles: {train} (Cell-o1's layout, "
-                              "../train/train_data.json beside the test file).[/dim]")
-        if train is None:
-            train = m.latest_output("split", "train")
-        if train is None:
-            raise UserError(f"--backend {chosen} learns from training puzzles, and the manifest "
-                            "records no split to take them from. Pass --train FILE.")
-        model = None
-    else:
-        model = input_or_latest(ctx, model, MODEL_COMMANDS, "model", name="model")
-    out = output or Path("predictions") / (chosen if model is None else Path(model).name)
-    expression = m.latest_inputs("build-context", "h5ad") if chosen == "celltypist" else []
-    settings = PredictSettings(data=data, output_dir=out, model=model, train=train,
-                               expression=expression,
-                               shard_index=spec.index, num_shards=spec.count, overwrite=overwrite,
-                               retry_errors=retry_errors,
-                               trust_remote_code=trust_remote_code, config=cfg)
-    settings.config.backend = chosen
-
-    if ray:
-        from cellpuzzle_cli.predict.ray_launch import run_on_ray
-
-        with progress_bar("Ray shards", unit="shards") as update:
-            results, failures = run_on_ray(settings, spec.count, ray_address, update)
-    else:
-        from cellpuzzle_cli.predict import run_predict
-
-        with progress_bar(f"Predicting shard {spec}", unit="puzzles") as update:
-            results, failures = [run_predict(settings, update)], []
-    for result in results:
-        _record(ctx, settings, result, started)
-    _summary(results)
-    if failures:
-        index, exc = failures[0]
-        if isinstance(exc, UserError):
-            raise exc
-        raise UserError(f"{len(failures)} of {spec.count} Ray shard(s) failed (first: shard "
-                        f"{index}: {type(exc).__name__}: {exc}). The finished shards are "
-                        "recorded; run the command again to resume the rest.")
-
-
-def _record(ctx: typer.Context, settings, result, started: float) -> None:
-    from dataclasses import asdict
-
-    from cellpuzzle_cli.manifest import Artifact
-    from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS
-
-    m = manifest(ctx)
-    inputs = [Artifact(Path(settings.data), "test")]
-    if result.backend in TRAINED_BACKENDS:
-        inputs.append(Artifact(Path(settings.train), "train"))
-    else:
-        inputs.append(Artifact(Path(settings.model), "model"))
-    params = {
-        "output_dir": m.relative(result.output_dir), "num_shards": result.num_shards,
-        "shard_index": result.shard_index, "complete": True, "backend": result.backend,
-        "model": result.model, "puzzles": result.total, "errors": result.errors,
-        "resumed": result.resumed, "config": asdict(settings.config),
-        "trust_remote_code": settings.trust_remote_code,
-    }
-    record(ctx, "predict", params, started, inputs,
-           [Artifact(result.shard_file, "predictions")])
+    request = PredictRequest(config=cfg, model=model, data=data, train=train, output=output,
+                             shard=shard, ray=ray, ray_address=ray_address, num_shards=num_shards,
+                             overwrite=overwrite, retry_errors=retry_errors,
+                             trust_remote_code=trust_remote_code)
+    with progress_bar("predict", unit="puzzles") as update:
+        result = run(request, manifest(ctx), update)
+    say(*result.notes)
+    for rec in result.records:
+        record_run(ctx, "predict", rec, started)
+    _summary(result.results)
+    result.raise_failures()
 
 
 def _summary(results) -> None:

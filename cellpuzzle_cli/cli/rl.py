@@ -20,7 +20,7 @@ from cellpuzzle_cli.cli.common import (
     record,
     start,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -83,14 +83,14 @@ def rl_command(
     algorithm = ctx.command.name
     from cellpuzzle_cli.rl import RLRequest, run_rl
 
-    started = start()
-    sources = {"train": ("to-parquet", "training Parquet", "train"),
-               "val": ("to-parquet", "validation Parquet", "val"),
-               "model": (("merge-lora", "init-model"), "model", "model")}
+    started = start(ctx)
+    sources = {"train": (Kind.RL_TRAIN, "training Parquet"),
+               "val": (Kind.RL_VAL, "validation Parquet"),
+               "model": (Kind.MODEL, "model")}
 
     def lookup(what: str) -> Path:
-        commands, label, name = sources[what]
-        return input_or_latest(ctx, None, commands, label, name=name)
+        kind, label = sources[what]
+        return input_or_latest(ctx, None, kind, label)
 
     request = RLRequest(algorithm=algorithm, config_file=config,
                         overrides=parse_overrides(overrides), backend=backend, dry_run=dry_run,

@@ -6,8 +6,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from cellpuzzle_cli.cli.common import Seed, console, err_console, manifest, record, start
+from cellpuzzle_cli.cli.common import (
+    Seed,
+    console,
+    err_console,
+    manifest,
+    record_run,
+    say,
+    start,
+)
 
 _METRIC_LABELS = (("cell_accuracy", "Cell accuracy"), ("exact_match", "Exact match"),
                   ("format_legitimacy", "Format legitimacy"), ("uniqueness", "Uniqueness"))
@@ -41,62 +50,19 @@ def score(
     Example: [bold]cellpuzzle score preds/ --json report.json --plot by_n.png[/bold]
     Compare runs: [bold]cellpuzzle score runs/sft/ runs/grpo/ --reference splits/test.jsonl[/bold]
     """
-    from cellpuzzle_cli.errors import UserError
-    from cellpuzzle_cli.manifest import Artifact
-    from cellpuzzle_cli.scoring import (
-        RunInput,
-        collect_files,
-        plot_by_n,
-        score_runs,
-        shards_from_manifest,
-    )
+    from cellpuzzle_cli.scoring.command import ScoreRequest
+    from cellpuzzle_cli.scoring.command import score as run
 
-    started = start()
-    if predictions:
-        runs = collect_files(predictions)
-        input_paths = [Path(p) for p in predictions]
-    else:
-        m = manifest(ctx)
-        shards = shards_from_manifest(m)
-        if shards.missing:
-            listed = ", ".join(str(i) for i in shards.missing)
-            if not partial or not shards.files:
-                raise UserError(
-                    f"The latest `predict` run ({shards.output_dir}, {shards.num_shards} shard(s)) is "
-                    f"incomplete: shard(s) {listed} of {shards.num_shards} have no finished entry in "
-                    f"{m.path}. Run them (`cellpuzzle predict --shard i/{shards.num_shards} …`), or "
-                    "pass --partial to score the finished shards only.")
-            err_console.print(f"[yellow]Scoring {len(shards.files)} of {shards.num_shards} shards; "
-                              f"missing: {listed}.[/yellow]")
-        err_console.print(f"[dim]Using predictions from the manifest: {shards.output_dir}[/dim]")
-        runs = [RunInput(Path(shards.output_dir).name or "predictions", shards.files, strict=True)]
-        input_paths = shards.files
-
-    result = score_runs(runs, cello1_compat=cello1_compat, tokenizer=tokenizer, reference=reference,
-                        resamples=bootstrap, seed=seed, label_ids=label_ids)
-    outputs = []
-    if json_out is not None:
-        from cellpuzzle_cli.io import write_json
-
-        write_json(json_out, result.to_json())
-        outputs.append(Artifact(json_out, "report"))
-    if plot is not None:
-        for path in plot_by_n(result.reports, plot):
-            outputs.append(Artifact(path, "plot"))
-    _print(result)
-
-    params: dict[str, Any] = {"runs": [r.name for r in runs], "cello1_compat": cello1_compat,
-                              "tokenizer": tokenizer, "reference": reference, "partial": partial,
-                              "bootstrap": bootstrap, "seed": seed, "json": json_out, "plot": plot,
-                              "label_ids": label_ids,
-                              "prediction_length_unit": result.length_unit}
-    summary = {r.name: {k: r.overall[k] for k in ("count", "cell_accuracy", "exact_match",
-                                                  "format_legitimacy", "uniqueness", "errors")}
-               for r in result.reports}
-    inputs = [Artifact(p, "predictions") for p in input_paths]
-    if reference is not None:
-        inputs.append(Artifact(reference, "reference"))
-    record(ctx, "score", params, started, inputs, outputs, extra={"summary": summary})
+    started = start(ctx)
+    request = ScoreRequest(predictions=list(predictions or []), json_out=json_out, plot=plot,
+                           reference=reference, tokenizer=tokenizer, cello1_compat=cello1_compat,
+                           partial=partial, bootstrap=bootstrap, seed=seed, label_ids=label_ids)
+    outcome = run(request, manifest(ctx))
+    for warning in outcome.warnings:
+        err_console.print(f"[yellow]{escape(warning)}[/yellow]")
+    say(*outcome.notes)
+    _print(outcome.result)
+    record_run(ctx, "score", outcome.record, started)
 
 
 def _cell(metrics: dict[str, Any], key: str) -> str:

@@ -20,7 +20,7 @@ from cellpuzzle_cli.cli.common import (
     record,
     start,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
 
 
 def sft(
@@ -53,14 +53,14 @@ def sft(
     from cellpuzzle_cli.config import build_config, parse_overrides
     from cellpuzzle_cli.sft import SftSettings, model_source, run_sft
 
-    started = start()
+    started = start(ctx)
     values = parse_overrides(overrides)
     if rationale is not None:
         values["rationale"] = rationale
     settings = build_config(SftSettings, config, values, default_file="sft.yaml")
     base = model if model is not None else str(
-        input_or_latest(ctx, None, "init-model", "base model (--model)", name="model"))
-    train = input_or_latest(ctx, data, "split", "training data (--data)", name="train")
+        input_or_latest(ctx, None, Kind.MODEL, "base model (--model)"))
+    train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
     quiet_libraries()
     with progress_bar("sft", unit="steps") as update:
         result = run_sft(base, train, output, settings, resume=resume, overwrite=overwrite,

@@ -8,15 +8,19 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
     OutputDir,
     Overwrite,
     Seed,
+    begin_step,
     console,
     input_or_latest,
     progress_bar,
-    record,
     start,
+    step_settings,
 )
+from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.splitting import TEST_FILE, TRAIN_FILE, SplitConfig
 
 
 def split(
@@ -27,42 +31,49 @@ def split(
              "in the manifest.", show_default=False)] = None,
     group_by: Annotated[str, typer.Option(
         "--group-by", help="What never straddles train and test: donor, dataset, or cell "
-                           "(for single-donor data).")] = "donor",
+                           "(for single-donor data).")] = SplitConfig.group_by,
     test_fraction: Annotated[float, typer.Option(
         "--test-fraction", help="Share of puzzles aimed for in test (before --max-test); "
-                                "unused when make-qa --test-cells already chose the cells.")] = 0.2,
+                                "unused when make-qa --test-cells already chose the cells.")]
+    = SplitConfig.test_fraction,
     max_test: Annotated[int, typer.Option("--max-test", help="At most this many test puzzles.")]
-    = 1100,
-    seed: Seed = 0,
+    = SplitConfig.max_test,
+    seed: Seed = SplitConfig.seed,
     system_prompt_file: Annotated[Path | None, typer.Option(
         "--system-prompt-file", help="Text file to use as system_msg instead of the shipped "
                                      "instructions.", show_default=False)] = None,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Leakage-free, N-stratified train/test split of puzzles.
 
     Writes [bold]train.jsonl[/bold] and [bold]test.jsonl[/bold] (system_msg, user_msg,
-    assistant_msg, puzzle_id, n, group, dataset, donor_id, cell_ids) and split.json.
+    assistant_msg, puzzle_id, n, group, dataset, donor_id, cell_ids) and split.yaml (the
+    settings, reloadable with --config).
 
     Single-donor data: make the puzzles with [bold]make-qa --test-cells 0.2[/bold] and split
     with [bold]--group-by cell[/bold]; train and test then share no cell and lose no puzzle.
 
     Example: [bold]cellpuzzle split puzzles/ -o splits/ --group-by donor --max-test 1100[/bold]
     """
-    from cellpuzzle_cli.splitting import SplitConfig, split_puzzles
+    from cellpuzzle_cli.config import settings_dict
+    from cellpuzzle_cli.splitting import split_puzzles
 
-    started = start()
-    config = SplitConfig(group_by=group_by, test_fraction=test_fraction, max_test=max_test,
-                         seed=seed, system_prompt_file=system_prompt_file)
-    config.validate()
-    puzzles_path = input_or_latest(ctx, puzzles, "make-qa", "puzzles", name="puzzles")
-    with progress_bar("Splitting puzzles") as update:
-        result = split_puzzles(puzzles_path, output, config, overwrite=overwrite, progress=update)
+    started = start(ctx)
+    settings = step_settings(ctx, SplitConfig, config, group_by=group_by,
+                             test_fraction=test_fraction, max_test=max_test, seed=seed,
+                             system_prompt_file=system_prompt_file)
+    puzzles_path = input_or_latest(ctx, puzzles, Kind.PUZZLES, "puzzles")
+    outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / TEST_FILE, "test")]
+    step = begin_step(ctx, "split", {**settings_dict(settings), "puzzles": puzzles_path},
+                      [Artifact(puzzles_path, "puzzles")], outputs, output, overwrite)
+    if step is None:
+        return
+    with step.publishing(), progress_bar("Splitting puzzles") as update:
+        result = split_puzzles(puzzles_path, output, settings, overwrite=overwrite,
+                               progress=update)
     _print_summary(result)
-    from cellpuzzle_cli.manifest import Artifact
-
-    record(ctx, "split", result.params, started, inputs=[Artifact(puzzles_path, "puzzles")],
-           outputs=[Artifact(result.train_path, "train"), Artifact(result.test_path, "test")])
+    step.record(started, {"summary": result.summary()})
 
 
 def _print_summary(result) -> None:

@@ -8,15 +8,18 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
     OutputDir,
     Overwrite,
     Seed,
+    begin_step,
     console,
     input_or_latest,
-    record,
     start,
+    step_settings,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.rl_data import TRAIN_FILE, VAL_FILE, ToParquetSettings
 
 
 def to_parquet(
@@ -31,12 +34,13 @@ def to_parquet(
     output: OutputDir = Path("rl-data"),
     val_size: Annotated[float, typer.Option(
         "--val-size", help="Validation puzzles: a fraction (<1) or a count; whole donor groups "
-                           "when there are three or more.")] = 0.1,
+                           "when there are three or more.")] = ToParquetSettings.val_size,
     data_source: Annotated[str, typer.Option(
         "--data-source", help="The rows' data_source. Our reward accepts any; Cell-o1's reward "
                               "returns -1 unless it contains 'cell_data', so pass cell_data to "
-                              "train with that reward.")] = "cellpuzzle",
-    seed: Seed = 0,
+                              "train with that reward.")] = ToParquetSettings.data_source,
+    seed: Seed = ToParquetSettings.seed,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Training puzzles to verl's RL Parquet schema: train.parquet and val.parquet.
@@ -45,19 +49,23 @@ def to_parquet(
 
     Example: cellpuzzle to-parquet splits/train.jsonl -o rl-data --val-size 0.1
     """
-    from dataclasses import asdict
-
-    from cellpuzzle_cli.rl_data import ToParquetSettings, one_input
+    from cellpuzzle_cli.config import settings_dict
+    from cellpuzzle_cli.rl_data import one_input
     from cellpuzzle_cli.rl_data import to_parquet as run
 
-    started = start()
-    data = input_or_latest(ctx, one_input(train, data), "split", "training data", name="train")
-    settings = ToParquetSettings(val_size=val_size, seed=seed, data_source=data_source)
-    result = run(data, output, settings, overwrite=overwrite)
+    started = start(ctx)
+    settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed,
+                             data_source=data_source)
+    data = input_or_latest(ctx, one_input(train, data), Kind.TRAIN_PUZZLES, "training data")
+    outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / VAL_FILE, "val")]
+    step = begin_step(ctx, "to-parquet", {**settings_dict(settings), "data": data},
+                      [Artifact(data, "train")], outputs, output, overwrite)
+    if step is None:
+        return
+    with step.publishing():
+        result = run(data, output, settings, overwrite=overwrite)
     groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
               else " (random puzzles held out)" if result.n_val else "")
     console.print(f"[bold green]RL data written to {result.out}[/bold green]: "
                   f"{result.n_train} train, {result.n_val} val puzzles{groups}")
-    record(ctx, "to-parquet", {**asdict(settings), "data": data}, started,
-           [Artifact(data, "train")],
-           [Artifact(result.train, "train"), Artifact(result.val, "val")])
+    step.record(started)

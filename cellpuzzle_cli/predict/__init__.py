@@ -10,12 +10,13 @@ gets `prediction: null` and the error, never the error text as its answer.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from cellpuzzle_cli.config import check_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, write_json
 from cellpuzzle_cli.predict.backends import make_backend, model_label, resolve_backend
@@ -32,7 +33,7 @@ from cellpuzzle_cli.predict.shards import Shard, parse_shard, select_shard, shar
 from cellpuzzle_cli.puzzles import IDS_FIELD
 
 __all__ = [
-    "CONFIG_FILE",
+    "RUN_FILE",
     "PredictConfig",
     "PredictResult",
     "PredictSettings",
@@ -42,7 +43,9 @@ __all__ = [
     "shard_filename",
 ]
 
-CONFIG_FILE = "predict-config.json"
+# What a folder's shard files were made with, checked when a run resumes (its settings are
+# also saved, reloadable, as predict.yaml).
+RUN_FILE = ".predict-run.json"
 # Failures worth retrying with a smaller batch: torch.OutOfMemoryError is a RuntimeError;
 # ValueError covers prompts longer than the model allows.
 RETRYABLE = (RuntimeError, MemoryError, ValueError)
@@ -77,22 +80,8 @@ class PredictResult:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
 
-def _validate(config: PredictConfig) -> None:
-    if config.n < 1:
-        raise UserError(f"n={config.n}: the number of samples per puzzle must be at least 1.")
-    if config.n > 1 and config.temperature <= 0:
-        raise UserError(f"n={config.n} samples with temperature 0 would be {config.n} copies of "
-                        "the greedy answer. Set --temperature above 0 (e.g. 0.7) or use --n 1.")
-    if config.temperature < 0:
-        raise UserError("temperature must be 0 (greedy) or positive.")
-    if config.max_new_tokens < 1:
-        raise UserError("max_new_tokens must be at least 1.")
-    if config.batch_size is not None and config.batch_size < 1:
-        raise UserError("batch_size must be at least 1.")
-
-
 def _run_identity(settings: PredictSettings, backend: str) -> dict[str, Any]:
-    """What a shard file depends on; written to predict-config.json and checked on resume."""
+    """What a shard file depends on; kept in RUN_FILE and checked on resume."""
     cfg = settings.config
     return {
         "data": str(Path(settings.data).resolve()),
@@ -111,27 +100,35 @@ def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.is_dir():
         raise UserError(f"The output '{out_dir}' is a file. Give -o a folder.")
     visible = [p for p in out_dir.iterdir() if not p.name.startswith(".")]
-    if visible and not (out_dir / CONFIG_FILE).exists():
+    if visible and not (out_dir / RUN_FILE).exists():
         raise UserError(f"The output folder '{out_dir}' already holds files that are not "
                         "predictions. Choose another folder with -o, or pass --overwrite to "
                         "write the shard files there anyway.")
 
 
-def _check_config(out_dir: Path, identity: dict[str, Any], settings: PredictSettings) -> None:
-    path = out_dir / CONFIG_FILE
-    if path.exists() and not settings.overwrite:
-        try:
-            old = orjson.loads(path.read_bytes()).get("run", {})
-        except orjson.JSONDecodeError:
-            old = {}
-        changed = [k for k in identity if old.get(k) != identity[k]]
-        if changed:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {identity[k]!r}" for k in changed)
-            raise UserError(f"{out_dir} holds predictions made with other settings ({detail}). "
-                            "Resuming would mix them. Use another -o folder, or pass --overwrite "
-                            "to predict this shard again with the new settings.")
-    cfg = {f.name: getattr(settings.config, f.name) for f in fields(settings.config)}
-    write_json(path, {"run": identity, "config": cfg, "trust_remote_code": settings.trust_remote_code})
+def _check_resume(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to append to shard files made with other settings (before anything is written)."""
+    path = out_dir / RUN_FILE
+    if overwrite or not path.exists():
+        return
+    try:
+        old = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        old = {}
+    changed = [k for k in identity if old.get(k) != identity[k]]
+    if changed:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {identity[k]!r}" for k in changed)
+        raise UserError(f"{out_dir} holds predictions made with other settings ({detail}). "
+                        "Resuming would mix them. Use another -o folder, or pass --overwrite "
+                        "to predict this shard again with the new settings.")
+
+
+def _write_run_files(out_dir: Path, identity: dict[str, Any], settings: PredictSettings) -> None:
+    from cellpuzzle_cli.config import save_settings
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / RUN_FILE, {**identity, "trust_remote_code": settings.trust_remote_code})
+    save_settings(out_dir, "predict", settings.config)
 
 
 def _short(exc: BaseException) -> str:
@@ -198,7 +195,7 @@ def run_predict(settings: PredictSettings, progress: Progress | None = None,
 
     `backend_obj` replaces the backend built from the settings (benchmarks and tests).
     """
-    _validate(settings.config)
+    check_settings(settings.config)
     shard = Shard(settings.shard_index, settings.num_shards)
     parse_shard(str(shard))  # same checks as the CLI spec
     backend = backend_obj.name if backend_obj else resolve_backend(settings.config.backend)
@@ -209,25 +206,26 @@ def run_predict(settings: PredictSettings, progress: Progress | None = None,
     records = select_shard(load_test_records(settings.data), shard)
     out_dir = Path(settings.output_dir)
     _check_output_dir(out_dir, settings.overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
     identity = _run_identity(settings, backend)
     model = identity["model"]
-    _check_config(out_dir, identity, settings)
+    _check_resume(out_dir, identity, settings.overwrite)
     shard_file = out_dir / shard.filename
-    if settings.overwrite and shard_file.exists():
-        shard_file.unlink()
-    done = read_done(shard_file, {r["puzzle_id"] for r in records})
-    if settings.retry_errors and any(row.get("prediction") is None for row in done.values()):
+    done = {} if settings.overwrite else read_done(shard_file, {r["puzzle_id"] for r in records})
+    retried = settings.retry_errors and any(r.get("prediction") is None for r in done.values())
+    if retried:
         done = {pid: row for pid, row in done.items() if row.get("prediction") is not None}
-        rewrite_in_order(shard_file, done.values())
     pending = [r for r in records if r["puzzle_id"] not in done]
+    # The model loads before anything is written, so a wrong --model leaves nothing behind.
+    impl = (backend_obj or make_backend(backend, settings)) if pending else None
+    _write_run_files(out_dir, identity, settings)
+    if settings.overwrite or retried:
+        rewrite_in_order(shard_file, done.values())
     if progress:
         progress(advance=len(done), total=len(records))
 
     new_rows: list[dict[str, Any]] = []
     seconds = 0.0
-    if pending:
-        impl = backend_obj or make_backend(backend, settings)
+    if impl is not None:
         batch_size = settings.config.batch_size or impl.default_batch_size
         writer = ShardWriter(shard_file)
         # Longest prompts first: similar lengths share a batch, and an OOM shows up at once.

@@ -9,41 +9,15 @@ on a remote cluster they must point at storage every node shares.
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.settings import PredictSettings
+from cellpuzzle_cli.ray_cluster import check_ray_address
 
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 3.0  # a live head answers in well under a second
 LOCAL_CPUS = 2  # a local Ray instance stays small: shards mostly wait on their model
-
-
-def parse_address(address: str) -> tuple[str, int] | None:
-    """`host:port` or `ray://host:port` -> (host, port); `auto`/`local` -> None (no probe)."""
-    if address in ("auto", "local"):
-        return None
-    rest = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UserError(f"--ray-address '{address}' is not host:port (e.g. 10.0.0.5:6379 or "
-                        "ray://10.0.0.5:10001), nor 'auto'.")
-    return host.strip("[]"), int(port)
-
-
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail fast with a clear message instead of letting ray.init hang on a wrong address."""
-    target = parse_address(address)
-    if target is None:
-        return
-    try:
-        with socket.create_connection(target, timeout=timeout):
-            pass
-    except OSError as exc:
-        raise UserError(f"Cannot reach the Ray cluster at {address} ({exc}). Check that its head "
-                        "node is running (`ray status` there) and the port is open, or drop "
-                        "--ray-address to start a local Ray instance.") from exc
 
 
 def _absolute(settings: PredictSettings) -> PredictSettings:
@@ -67,7 +41,7 @@ def run_on_ray(settings: PredictSettings, num_shards: int, address: str | None =
     if num_shards < 1:
         raise UserError(f"--num-shards {num_shards}: run at least one shard.")
     if address:
-        check_reachable(address)
+        check_ray_address(address, CONNECT_TIMEOUT_S)
     try:
         import ray
     except ImportError as exc:

@@ -8,7 +8,6 @@ Resuming drops that torn tail and skips the puzzle ids already written.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import orjson
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import atomic_write_bytes, dumps_line, read_records
+from cellpuzzle_cli.io import atomic_write_bytes, check_unique_ids, dumps_line, read_records
 from cellpuzzle_cli.predict.shards import order_key
 from cellpuzzle_cli.prompts import record_puzzle_id
 
@@ -53,11 +52,9 @@ def load_test_records(path: Path) -> list[dict[str, Any]]:
             rec["assistant_msg"] = rec["answer"]
         rec["puzzle_id"] = record_puzzle_id(rec)
         records.append(rec)
-    dupes = [pid for pid, c in Counter(r["puzzle_id"] for r in records).items() if c > 1]
-    if dupes:
-        raise UserError(f"{path} holds {len(dupes)} puzzle id(s) more than once (e.g. "
-                        f"'{dupes[0]}'). Predictions are resumed by puzzle id, so ids must be "
-                        "unique; de-duplicate the file or re-run `cellpuzzle split`.")
+    check_unique_ids((r["puzzle_id"] for r in records), path, "Predictions are resumed by "
+                     "puzzle id, so ids must be unique; de-duplicate the file or re-run "
+                     "`cellpuzzle split`.")
     return records
 
 

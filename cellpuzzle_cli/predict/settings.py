@@ -4,29 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from cellpuzzle_cli.config import Check, Count, NonNegative, Seed, Share, one_of
+from cellpuzzle_cli.errors import UserError
 
 BACKENDS = ("auto", "hf", "vllm", "baseline", "celltypist")
 # Backends that learn from the training split instead of loading a model.
 TRAINED_BACKENDS = ("baseline", "celltypist")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
 class PredictConfig:
-    """Keys of configs/predict.yaml; every one can be overridden as key=value."""
+    """Keys of configs/predict.yaml; every one can be overridden as key=value (saved as
+    predict.yaml beside the predictions)."""
 
-    backend: str = "auto"            # auto: vllm when installed and a GPU is visible, else hf
-    batch_size: int | None = None    # None: the backend's default (hf 16, vllm 256, baseline 64)
-    max_new_tokens: int = 1024
-    min_new_tokens: int = 0          # >0 forces fixed-length answers (benchmarks only)
-    temperature: float = 0.0         # 0: greedy
-    top_p: float = 1.0
-    n: int = 1                       # samples per puzzle; >1 needs temperature > 0
-    seed: int = 0
-    max_model_len: int | None = None # prompt + answer limit; None: the model's own
-    dtype: str = "auto"              # auto: bfloat16 on CUDA, float32 on CPU
+    backend: Annotated[str, one_of(*BACKENDS)] = "auto"  # auto: vllm with a GPU, else hf
+    batch_size: Count | None = None  # None: the backend's default (hf 16, vllm 256, baseline 64)
+    max_new_tokens: Count = 1024
+    min_new_tokens: NonNegative = 0  # >0 forces fixed-length answers (benchmarks only)
+    temperature: Annotated[float, Check(0)] = 0.0  # 0: greedy
+    top_p: Share = 1.0
+    n: Count = 1                     # samples per puzzle; >1 needs temperature > 0
+    seed: Seed = 0
+    max_model_len: Count | None = None  # prompt + answer limit; None: the model's own
+    dtype: Annotated[str, one_of(*DTYPES)] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"             # hf backend: auto, cpu, cuda, cuda:1, ...
-    tensor_parallel_size: int = 1    # vllm: GPUs per model copy
-    gpu_memory_utilization: float = 0.9  # vllm
+    tensor_parallel_size: Count = 1  # vllm: GPUs per model copy
+    gpu_memory_utilization: Share = 0.9  # vllm
+
+    def validate(self) -> None:
+        if self.n > 1 and self.temperature <= 0:
+            raise UserError(f"n={self.n} samples with temperature 0 would be {self.n} copies of "
+                            "the greedy answer. Set --temperature above 0 (e.g. 0.7) or use "
+                            "--n 1.")
 
 
 @dataclass

@@ -117,7 +117,7 @@ def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None 
                         "only. Drop --backend trl (and cellpuzzle.backend: trl) to use verl, or "
                         "run `cellpuzzle rl grpo --backend trl` on one machine.")
     if backend == "verl" and st.ours.ray_address:
-        from cellpuzzle_cli.rl.verl_backend import check_ray_address
+        from cellpuzzle_cli.ray_cluster import check_ray_address
 
         check_ray_address(st.ours.ray_address, st.ours.ray_connect_timeout_s)
         st.verl[S.RAY_ADDRESS_KEY] = st.ours.ray_address

@@ -5,7 +5,8 @@ The package keeps one family per module: `runs` (which files form a run, reading
 `cello1` (Cell-o1's summary metrics with "±", standard errors and bootstrap intervals),
 `chance` (a random one-to-one assignment), `per_type` (precision/recall/F1 per type, macro-F1,
 confusion matrix), `hierarchy` (Cell Ontology hierarchical metrics) and `plot`. This module
-composes them into a `Report` per run; the names callers use are re-exported here.
+composes them into a `Report` per run; `command` is the service behind `cellpuzzle score`.
+The names callers use are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,19 +25,11 @@ from cellpuzzle_cli.scoring.hierarchy import Hierarchical, hierarchical, read_la
 from cellpuzzle_cli.scoring.judging import Judged, judge_run, tokenizer_lengths, whitespace_words
 from cellpuzzle_cli.scoring.per_type import PerType, per_type
 from cellpuzzle_cli.scoring.plot import plot_by_n
-from cellpuzzle_cli.scoring.runs import (
-    SHARD_NAME,
-    ManifestShards,
-    RunInput,
-    collect_files,
-    load_reference,
-    shards_from_manifest,
-)
+from cellpuzzle_cli.scoring.runs import RunInput, collect_files, load_reference
 
-__all__ = ["METRICS", "PM_DEFINITION", "SHARD_NAME", "Hierarchical", "Judged", "ManifestShards",
-           "PerType", "Report",
+__all__ = ["METRICS", "PM_DEFINITION", "Hierarchical", "Judged", "PerType", "Report",
            "RunInput", "ScoreResult", "collect_files", "judge_run", "load_reference",
-           "plot_by_n", "report", "score_runs", "shards_from_manifest", "summarise",
+           "plot_by_n", "report", "score_runs", "summarise",
            "tokenizer_lengths", "whitespace_words"]
 
 
@@ -125,3 +118,4 @@ def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
         j = judge_run(run.name, run.files, cello1_compat, lengths, ref, run.strict)
         reports.append(report(j, resamples, seed, cello1_compat, unit, ref, table))
     return ScoreResult(reports, unit)
+
