@@ -151,8 +151,15 @@ def judge_tuple(prediction: str | None, gold: Sequence[str],
 
 def judge_lowered(text: str, gold_lower: list[str],
                   cello1_compat: bool = False) -> tuple[bool, int, bool, int, int]:
-    """`judge_tuple` for gold items already lower-cased: the inner loop of `score`.
+    """`judge_tuple` for gold items already lower-cased: the inner loop of `score`."""
+    return judge_items(text, gold_lower, cello1_compat)[0]
 
+
+def judge_items(text: str, gold_lower: list[str], cello1_compat: bool = False
+                ) -> tuple[tuple[bool, int, bool, int, int], list[str]]:
+    """`judge_lowered` plus the lower-cased predicted items ([] when illegitimate).
+
+    Per-type and hierarchical metrics need the items themselves, not only the counts.
     Lower-casing the whole candidate before splitting equals lower-casing each item: `|` and
     whitespace are neither cased nor case-ignorable, so no letter's context changes.
     """
@@ -160,16 +167,17 @@ def judge_lowered(text: str, gold_lower: list[str],
     if candidate is None:
         candidate = candidate_answer(text)
         if not is_legitimate(text, candidate):
-            return False, 0, False, 0, 0
+            return (False, 0, False, 0, 0), []
     elif "|" not in candidate:
-        return False, 0, False, 0, 0
+        return (False, 0, False, 0, 0), []
     lowered = [s for s in map(str.strip, candidate.lower().split("|")) if s]
     n = len(gold_lower)
     correct = sum(map(str.__eq__, lowered, gold_lower))
     if cello1_compat:
         distinct = len({s for s in map(str.strip, candidate.split("|")) if s})
-        return True, correct, n > 0 and correct == n, len(lowered), distinct
-    return True, correct, n > 0 and correct == n and len(lowered) == n, len(lowered), len(set(lowered))
+        return (True, correct, n > 0 and correct == n, len(lowered), distinct), lowered
+    exact = n > 0 and correct == n and len(lowered) == n
+    return (True, correct, exact, len(lowered), len(set(lowered))), lowered
 
 
 def judge(prediction: str | None, gold: Sequence[str], cello1_compat: bool = False) -> Verdict:

@@ -380,6 +380,12 @@ class Manifest:
                 return self.resolve(outs[0].path)
         return None
 
+    def sources_of_latest(self, kind: Kind) -> list[Path]:
+        """The inputs of the run that made the newest artifact of `kind` (e.g. the .h5ad files
+        behind the latest cells, which predict's CellTypist reference reads expression from)."""
+        entry = next((e for e in self._newest() if e.outputs_of(kind)), None)
+        return [self.resolve(i.path) for i in entry.inputs] if entry else []
+
     def producer_of(self, path: Path) -> Entry | None:
         """The newest entry that wrote `path`."""
         target = self.relative(path)

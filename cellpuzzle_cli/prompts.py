@@ -51,6 +51,18 @@ def record_question(record: dict[str, Any]) -> str:
     return str(record.get("user_msg") or record.get("question") or "")
 
 
+def record_puzzle_id(record: dict[str, Any]) -> str:
+    """A record's `puzzle_id`, or one derived from its prompt text for files without ids
+    (Cell-o1's JSON, the published Parquet). predict and score's --reference both use this, so
+    a file gets the same ids in both."""
+    if record.get("puzzle_id") is not None:
+        return str(record["puzzle_id"])
+    import hashlib
+
+    text = (record.get("system_msg") or "") + "\0" + record_question(record)
+    return "sha-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def parse_question(question: str) -> tuple[list[list[str]], list[str]]:
     """Cells' gene lists and candidate types back from a user message.
 

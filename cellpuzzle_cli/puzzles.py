@@ -50,6 +50,8 @@ if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts witho
 PUZZLES_FILE = "puzzles.jsonl"
 REQUIRED_COLUMNS = ("cell_id", "dataset", "donor_id", "cell_type", "top_genes", "context")
 META_COLUMNS = ("cell_id", "dataset", "donor_id", "batch_id", "cell_type", "context")
+TERM_COLUMN = "cell_type_ontology_term_id"   # optional: build-context keeps it when present
+IDS_FIELD = "cell_type_ids"                  # the puzzle's gold term IDs, in cell order
 _UNKNOWN_DONOR = "unknown"
 _MAX_ATTEMPTS_PER_PUZZLE = 20
 
@@ -99,6 +101,8 @@ class Cells:
     def __post_init__(self) -> None:
         self.cell_ids = self.meta["cell_id"].to_numpy()
         self.types = self.meta["cell_type"].to_numpy()
+        terms = self.meta[TERM_COLUMN]
+        self.terms = terms.to_numpy() if terms.notna().any() else None
 
 
 @dataclass
@@ -197,12 +201,13 @@ def _read_one(path: Path) -> tuple[Any, Any]:
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)} that make-qa needs; it "
                         f"has: {', '.join(names)}. Is it a build-context cell table?")
-    wanted = [c for c in (*META_COLUMNS, "top_genes") if c in names]
+    wanted = [c for c in (*META_COLUMNS, TERM_COLUMN, "top_genes") if c in names]
     table = pq.read_table(path, columns=wanted)
     genes = table.column("top_genes").cast(pa.list_(pa.string()))
     meta = table.drop_columns(["top_genes"]).to_pandas()
-    if "batch_id" not in meta.columns:
-        meta["batch_id"] = None
+    for optional in ("batch_id", TERM_COLUMN):
+        if optional not in meta.columns:
+            meta[optional] = None
     return meta, genes
 
 
@@ -216,7 +221,7 @@ def load_cells(files: list[Path]) -> Cells:
         meta, genes = _read_one(f)
         metas.append(meta)
         chunks.extend(genes.chunks)
-    meta = pd.concat(metas, ignore_index=True)[list(META_COLUMNS)]
+    meta = pd.concat(metas, ignore_index=True)[[*META_COLUMNS, TERM_COLUMN]]
     genes = pa.chunked_array(chunks, type=pa.list_(pa.string()))
     keep = meta["cell_type"].notna().to_numpy()
     if not keep.all():
@@ -314,6 +319,12 @@ def _context(codes: np.ndarray, contexts: np.ndarray) -> tuple[str, bool]:
     return str(contexts[values[best]]), True
 
 
+def _term(value: Any) -> str | None:
+    import pandas as pd
+
+    return None if pd.isna(value) else str(value)
+
+
 def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
                         context_codes: np.ndarray, contexts: np.ndarray,
                         stats: dict[str, Counter]) -> list[dict[str, Any]]:
@@ -353,6 +364,8 @@ def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
             "answer": format_answer(answer_types),
             "candidates": candidates,
             **({"cell_fold": group.fold} if group.fold else {}),
+            **({IDS_FIELD: [_term(cells.terms[r]) for r in rows]}
+               if cells.terms is not None else {}),
         })
     return records
 

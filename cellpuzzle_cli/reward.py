@@ -4,6 +4,10 @@ Both judge a completion with `cellpuzzle_cli.answer.judge`, the function behind 
 per-prediction metrics, so what RL optimises is what `score` reports. Value: −1 for an
 illegitimate layout, a wrong number of items or a repeated item; otherwise
 (cell accuracy + exact)/2 (variant `cello1`, the default), or `partial` / `exact` alone.
+
+Repeats: `partial` and `exact` count items that differ only in case (`X | x`) as a repeat
+(−1), like `score`; `cello1` follows Cell-o1's reward, which compares case-sensitively and so
+gives such an answer partial credit, exactly as `score --cello1-compat` counts it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from cellpuzzle_cli.answer import (
 
 def reward(completion: str | None, ground_truth: str | Sequence[str], variant: str = DEFAULT_VARIANT) -> float:
     """Reward of one completion text against a gold answer (`"t1 | t2"` or a full answer text)."""
-    return reward_from_verdict(judge(completion, answer_items(ground_truth)), variant)
+    cased = check_variant(variant) == "cello1"   # Cell-o1's case-sensitive repeat rule
+    return reward_from_verdict(judge(completion, answer_items(ground_truth), cased), variant)
 
 
 def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,

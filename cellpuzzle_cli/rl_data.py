@@ -1,6 +1,8 @@
 """Training puzzles in verl's RL Parquet schema, with a real validation split.
 
-One row per puzzle: `data_source` ("cellpuzzle", which selects our reward), `prompt` (chat
+One row per puzzle: `data_source` ("cellpuzzle" by default; our reward accepts any value, while
+Cell-o1's own reward returns −1 unless it contains `cell_data`, so users of that reward pass
+`--data-source cell_data`), `prompt` (chat
 messages from `prompts.record_messages`: a system turn and a user turn — the same turns sft
 trains on and predict asks with; Cell-o1 used a user-only RL prompt and a different evaluation
 prompt, we use one everywhere), `ability`, `reward_model {style: "rule", ground_truth}` with the
@@ -19,6 +21,7 @@ from typing import Annotated, Any
 
 from cellpuzzle_cli.answer import answer_items, format_answer
 from cellpuzzle_cli.config import Check, Seed, check_settings, save_settings
+from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_output_dir
 from cellpuzzle_cli.prompts import record_messages
 
@@ -34,6 +37,7 @@ class ToParquetSettings:
     val_size: Annotated[float, Check(0)] = 0.1  # below 1: a fraction; else a count; 0: none
     seed: Seed = 0
     ability: str = ABILITY
+    data_source: str = DATA_SOURCE  # verl routes rewards by it; Cell-o1's reward needs cell_data
 
 
 @dataclass
@@ -46,15 +50,23 @@ class ToParquetResult:
     val_groups: list[str]  # groups held out whole; empty when val holds random puzzles
 
 
+def one_input(positional: Path | None, option: Path | None) -> Path | None:
+    """The training file given either way (`to-parquet FILE` or `--data FILE`), not both."""
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise UserError(f"Two training files given ({positional} and --data {option}). Give one, "
+                        "either as the argument or with --data.")
+    return option if option is not None else positional
+
+
 def rl_rows(records: Sequence[dict[str, Any]], split: str = "train", start_index: int = 0,
-            ability: str = ABILITY) -> list[dict[str, Any]]:
+            ability: str = ABILITY, data_source: str = DATA_SOURCE) -> list[dict[str, Any]]:
     """verl-schema rows for split records (`system_msg`, `user_msg`, `assistant_msg`, …)."""
     rows = []
     for i, rec in enumerate(records, start_index):
         items = answer_items(rec.get("assistant_msg"))
         group = rec.get("group")
         rows.append({
-            "data_source": DATA_SOURCE,
+            "data_source": data_source,
             "prompt": record_messages(rec),
             "ability": ability,
             "reward_model": {"style": "rule", "ground_truth": format_answer(items)},
@@ -86,8 +98,10 @@ def to_parquet(data: Path, out: Path, settings: ToParquetSettings, overwrite: bo
     train, val = holdout(records, settings.val_size, settings.seed)
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        table = write_parquet(tmp / TRAIN_FILE, rl_rows(train, "train", 0, settings.ability))
-        write_parquet(tmp / VAL_FILE, rl_rows(val, "val", 0, settings.ability), like=table)
+        rows = {split: rl_rows(part, split, 0, settings.ability, settings.data_source)
+                for split, part in (("train", train), ("val", val))}
+        table = write_parquet(tmp / TRAIN_FILE, rows["train"])
+        write_parquet(tmp / VAL_FILE, rows["val"], like=table)
         save_settings(tmp, "to-parquet", settings)
     val_groups = {str(r.get("group")) for r in val if r.get("group") is not None}
     train_groups = {str(r.get("group")) for r in train if r.get("group") is not None}

@@ -43,7 +43,7 @@ from cellpuzzle_cli.io import (
     write_jsonl,
 )
 from cellpuzzle_cli.prompts import check_answers, load_system_prompt
-from cellpuzzle_cli.puzzles import PUZZLES_FILE, seeded_rng
+from cellpuzzle_cli.puzzles import IDS_FIELD, PUZZLES_FILE, seeded_rng
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
     import numpy as np
@@ -293,7 +293,8 @@ def split_record(puzzle: dict[str, Any], system_msg: str) -> dict[str, Any]:
     return {"system_msg": system_msg, "user_msg": puzzle["question"],
             "assistant_msg": puzzle["answer"], "puzzle_id": puzzle["puzzle_id"],
             "n": int(puzzle["n"]), "group": puzzle["group"], "dataset": puzzle["dataset"],
-            "donor_id": puzzle["donor_id"], "cell_ids": list(puzzle["cell_ids"])}
+            "donor_id": puzzle["donor_id"], "cell_ids": list(puzzle["cell_ids"]),
+            **({IDS_FIELD: puzzle[IDS_FIELD]} if IDS_FIELD in puzzle else {})}
 
 
 def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitConfig = SplitConfig(),

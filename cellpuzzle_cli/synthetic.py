@@ -27,6 +27,19 @@ CELL_TYPES = ("B cell", "CD4-positive, alpha-beta T cell", "CD8-positive, alpha-
               "plasmacytoid dendritic cell", "platelet", "erythrocyte", "mast cell",
               "hematopoietic stem cell", "conventional dendritic cell")
 MARKERS_PER_TYPE = 25
+# CELLxGENE's `<field>_ontology_term_id` values for the labels above (same order).
+TERM_IDS = {
+    "cell_type": ("CL:0000236", "CL:0000624", "CL:0000625", "CL:0000623", "CL:0000860",
+                  "CL:0000875", "CL:0000784", "CL:0000233", "CL:0000232", "CL:0000097",
+                  "CL:0000037", "CL:0000990"),
+    "sex": ("PATO:0000383", "PATO:0000384"),
+    "development_stage": ("HsapDv:0000119", "HsapDv:0000136", "HsapDv:0000161",
+                          "HsapDv:0000087"),
+    "self_reported_ethnicity": ("HANCESTRO:0005", "HANCESTRO:0568", "HANCESTRO:0849",
+                                "HANCESTRO:0612", "unknown"),
+    "tissue": ("UBERON:0000178", "UBERON:0002048", "UBERON:0002106"),
+    "disease": ("PATO:0000461", "MONDO:0100096", "MONDO:0007915"),
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,8 @@ class SyntheticSpec:
     nan_type_fraction: float = 0.0   # rows whose cell_type is missing (NaN)
     suffixed_fraction: float = 0.1   # feature_name written as SYMBOL_ENSG... (CELLxGENE does this)
     dense: bool = False              # X as a dense 2-D dataset instead of CSR
+    term_ids: bool = False           # also write CELLxGENE's *_ontology_term_id columns
+    labels: bool = True              # False: only the ID columns (a file before curation)
     block_cells: int = 2000          # cells generated and written per step
 
 
@@ -195,17 +210,20 @@ def _write_frames(f, rng: np.random.Generator, spec: SyntheticSpec, types: np.nd
     def cat(codes: np.ndarray, categories: list[str]) -> pd.Categorical:
         return pd.Categorical.from_codes(codes, categories=categories)
 
-    obs = pd.DataFrame(
-        {
-            "cell_type": cat(type_codes, list(CELL_TYPES[:n_types])),
-            "donor_id": cat(donors, donor_names),
-            "assay": cat(np.zeros(n, dtype=np.int8), ["10x 3' v3"]),
-            "suspension_type": cat(suspension, ["cell", "nucleus"]),
-            **{col: _per_donor(vals, donors) for col, vals in per_donor.items()},
-            "is_primary_data": np.ones(n, dtype=bool),
-        },
-        index=pd.Index([f"cell_{i:07d}" for i in range(n)], name=None),
-    )
+    columns = {
+        "cell_type": cat(type_codes, list(CELL_TYPES[:n_types])),
+        "donor_id": cat(donors, donor_names),
+        "assay": cat(np.zeros(n, dtype=np.int8), ["10x 3' v3"]),
+        "suspension_type": cat(suspension, ["cell", "nucleus"]),
+        **{col: _per_donor(vals, donors) for col, vals in per_donor.items()},
+        "is_primary_data": np.ones(n, dtype=bool),
+    }
+    if spec.term_ids:
+        columns.update(_term_columns(columns, per_donor.keys()))
+    if not spec.labels:
+        for col in ("cell_type", *per_donor):
+            del columns[col]
+    obs = pd.DataFrame(columns, index=pd.Index([f"cell_{i:07d}" for i in range(n)], name=None))
     symbols = gene_symbols(spec.n_genes)
     ids = [ensembl_id(i) for i in range(spec.n_genes)]
     suffixed = rng.random(spec.n_genes) < spec.suffixed_fraction
@@ -225,3 +243,18 @@ def _per_donor(values: list[str], donors: np.ndarray):
     categories = sorted(set(values))
     code_of_donor = np.array([categories.index(v) for v in values], dtype=np.int16)
     return pd.Categorical.from_codes(code_of_donor[donors], categories=categories)
+
+
+def _term_columns(columns: dict, donor_fields) -> dict:
+    """`<field>_ontology_term_id` beside each labelled field, mapped through `TERM_IDS`."""
+    import pandas as pd
+
+    labels = {"cell_type": CELL_TYPES, "sex": SEXES, "development_stage": STAGES,
+              "self_reported_ethnicity": ETHNICITIES, "tissue": TISSUES, "disease": DISEASES}
+    out = {}
+    for field in ("cell_type", *donor_fields):
+        values = columns[field]
+        ids = dict(zip(labels[field], TERM_IDS[field]))
+        out[f"{field}_ontology_term_id"] = pd.Categorical.from_codes(
+            values.codes, categories=[ids[c] for c in values.categories])
+    return out

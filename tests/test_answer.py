@@ -34,7 +34,8 @@ CASES = [
     ("extra item", tagged("B cells | NK cells | T cells | Monocytes"), GOLD, True, 3, False, 1.0, -1.0),
     ("missing item", tagged("B cells | NK cells"), GOLD, True, 2, False, 1.0, -1.0),
     ("duplicate item", tagged("B cells | B cells | T cells"), GOLD, True, 2, False, 2 / 3, -1.0),
-    ("duplicate, other case", tagged("B cells | b CELLS | T cells"), GOLD, True, 2, False, 2 / 3, -1.0),
+    ("duplicate, other case", tagged("B cells | b CELLS | T cells"), GOLD, True, 2, False, 2 / 3,
+     1 / 3),   # the cello1 reward repeats Cell-o1's case-sensitive rule: partial credit
     ("missing answer tag", "<think>\nx\n</think>\nB cells | NK cells | T cells", GOLD,
      False, 0, False, 0.0, -1.0),
     ("missing think tag", "<answer>B cells | NK cells | T cells</answer>", GOLD,

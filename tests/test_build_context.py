@@ -10,6 +10,8 @@ import pytest
 from conftest import CliResult
 from conftest import assert_user_error as _assert_user_error
 
+from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.context import ContextConfig
 from cellpuzzle_cli.synthetic import SyntheticSpec, write_synthetic_h5ad
 
 PBMC = Path(__import__("scanpy").__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
@@ -77,12 +79,13 @@ def test_pbmc_ranks_raw_x_and_matches_numpy(cli, tmp_path):
     assert all(r["batch_id"] is None for r in table)
     assert "peripheral blood mononuclear cells" in table[0]["context"]   # shipped YAML rule
 
-    params = json.loads((out / "build-context.json").read_text())
-    assert params["files"][0]["matrix"] == "raw.X"
-    assert params["params"]["cell_type_col"] == "bulk_labels"
+    saved = build_config(ContextConfig, out / "build-context.yaml")  # reloads as --config
+    assert saved == ContextConfig(top_genes=20, cell_type_col="bulk_labels")
     entry = json.loads(cli.manifest.read_text())["entries"][-1]
     assert entry["command"] == "build-context"
-    assert entry["outputs"][0]["name"] == "cells" and entry["outputs"][0]["nfiles"] == 2
+    assert entry["summary"]["files"][0]["matrix"] == "raw.X"
+    assert entry["params"]["cell_type_col"] == "bulk_labels"
+    assert entry["outputs"][0]["name"] == "cells" and entry["outputs"][0]["nfiles"] == 3
 
 
 @pytest.mark.skipif(not KANG.exists(), reason="shared/data/kang2018_pbmc.h5ad is not present")
@@ -127,7 +130,7 @@ def test_cellxgene_filters_symbols_donors_and_context(cli, synth, tmp_path):
     assert len(table) == int((~nucleus & ~obs["cell_type"].isna()).sum())
     kept_ids = {r["cell_id"] for r in table}
     assert not kept_ids & set(obs.index[nucleus])
-    report = json.loads((out / "build-context.json").read_text())["files"][0]
+    report = json.loads(cli.manifest.read_text())["entries"][-1]["summary"]["files"][0]
     assert report["dropped_suspension"] == int(nucleus.sum())
     assert report["dropped_nan_type"] == int(nan_type.sum())
     assert report["donors"] == 3
@@ -307,7 +310,7 @@ def test_topk_threshold_guess_is_checked(monkeypatch):
     """Rows built so that sampling every 8th value overestimates the k-th largest."""
     import scipy.sparse as sp
 
-    from cellpuzzle_cli import context
+    from cellpuzzle_cli.context import topk as context
     from cellpuzzle_cli.context import topk_csr
 
     redone = []
@@ -336,7 +339,7 @@ def test_row_reader_matches_anndata(synth, inflater, monkeypatch):
 
     import anndata
 
-    from cellpuzzle_cli import context
+    from cellpuzzle_cli.context import rows as context
 
     if inflater == "zlib":
         monkeypatch.setattr(context, "_inflater",
@@ -409,7 +412,8 @@ def test_output_folder_with_results_is_refused(cli, synth, tmp_path):
     assert [p.name for p in out.iterdir()] == ["old.parquet"]
     result = cli("build-context", synth, "-o", out, "--overwrite", "--workers", "1")
     assert result.code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["atlas.parquet", "build-context.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".cellpuzzle-run.json", "atlas.parquet",
+                                                     "build-context.yaml"]
 
 
 def test_bad_context_config_key(cli, synth, tmp_path):

@@ -25,11 +25,19 @@ def test_reward_equals_scores_per_prediction_view(tmp_path):
     recs = [{"puzzle_id": f"p{i}", "prediction": c[1], "answer": c[2]} for i, c in enumerate(CASES)]
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
     judged = judge_run("run", [path])
-    from_score = judged.reward.tolist()
+    from_score = judge_run("run", [path], cello1_compat=True).reward.tolist()
     from_reward = [compute_score("cellpuzzle", c[1], c[2]) for c in CASES]
     assert from_score == pytest.approx(from_reward)
     assert judged.correct.tolist() == [c[4] for c in CASES]
     assert judged.exact.tolist() == [c[5] for c in CASES]
+
+
+def test_case_only_repeats_per_variant():
+    """README's rule: partial/exact and score count `X | x` as a repeat; cello1 as Cell-o1."""
+    dup = tagged("B cells | b CELLS | T cells")
+    assert compute_score(None, dup, GOLD) == pytest.approx(1 / 3)
+    assert compute_score(None, dup, GOLD, {"reward_variant": "partial"}) == -1.0
+    assert compute_score(None, dup, GOLD, {"reward_variant": "exact"}) == -1.0
 
 
 def test_variants_and_data_source():

@@ -8,15 +8,19 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
     OutputDir,
     Overwrite,
     Seed,
+    begin_step,
     console,
     err_console,
     progress_bar,
-    record,
     start,
+    step_settings,
 )
+from cellpuzzle_cli.context import ContextConfig
+from cellpuzzle_cli.manifest import Artifact
 
 
 def build_context(
@@ -25,10 +29,15 @@ def build_context(
         help=".h5ad files and/or folders (searched recursively).", show_default=False)],
     output: OutputDir,
     top_genes: Annotated[int, typer.Option(
-        "--top-genes", help="Genes listed per cell, highest expression first.")] = 50,
+        "--top-genes", help="Genes listed per cell, highest expression first.")]
+    = ContextConfig.top_genes,
     cell_type_col: Annotated[str, typer.Option(
         "--cell-type-col", help="obs column with the cell type (the puzzle's answer).")]
-    = "cell_type",
+    = ContextConfig.cell_type_col,
+    cell_type_id_col: Annotated[str | None, typer.Option(
+        "--cell-type-id-col", help="obs column with the cell type's ontology ID, kept for "
+                                   "ontology-aware scoring. Default: cell_type_ontology_term_id "
+                                   "when present.", show_default=False)] = None,
     donor_col: Annotated[str | None, typer.Option(
         "--donor-col", help="obs column with the donor. Default: donor_id when present, else "
                             "each file is one donor group (with a warning).",
@@ -43,7 +52,7 @@ def build_context(
     max_cells: Annotated[int | None, typer.Option(
         "--max-cells", help="Keep at most this many cells per file, chosen with --seed.",
         show_default=False)] = None,
-    seed: Seed = 0,
+    seed: Seed = ContextConfig.seed,
     workers: Annotated[int | None, typer.Option(
         "--workers", help="Worker processes reading the matrix (files and row chunks in "
                           "parallel). Default: one per CPU core, up to 8.",
@@ -52,12 +61,14 @@ def build_context(
         "--context-config", help="YAML with the context fields and wording. Default: the "
                                  "shipped configs/context_fields.yaml.", show_default=False)]
     = None,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Per-cell top genes and donor context from .h5ad files.
 
     Writes one Parquet cell table per input file under the output folder,
-    mirroring input folders, plus build-context.json with the settings.
+    mirroring input folders, plus build-context.yaml with the settings
+    (reloadable with --config).
 
     Keeps only suspension_type == "cell" where that column exists and drops
     cells without a cell type. When X is scaled (negative values), genes are
@@ -65,25 +76,25 @@ def build_context(
 
     Example: [bold]cellpuzzle build-context data/ -o cells/ --max-cells 20000[/bold]
     """
-    from cellpuzzle_cli.context import ContextConfig, default_workers
+    from cellpuzzle_cli.config import settings_dict
     from cellpuzzle_cli.context import build_context as run
-    from cellpuzzle_cli.manifest import Artifact
+    from cellpuzzle_cli.context import h5ad_inputs
 
     started = start(ctx)
-    config = ContextConfig(top_genes=top_genes, cell_type_col=cell_type_col, donor_col=donor_col,
-                           batch_col=batch_col, gene_col=gene_col, max_cells=max_cells, seed=seed,
-                           workers=workers if workers is not None else default_workers(),
-                           context_config=context_config)
-    with progress_bar("build-context", unit="cells") as update:
-        result = run(inputs, output, config, overwrite=overwrite, progress=update)
+    settings = step_settings(ctx, ContextConfig, config, top_genes=top_genes,
+                             cell_type_col=cell_type_col, cell_type_id_col=cell_type_id_col,
+                             donor_col=donor_col, batch_col=batch_col, gene_col=gene_col,
+                             max_cells=max_cells, seed=seed, workers=workers,
+                             context_config=context_config)
+    files = [Artifact(path, "h5ad") for path in h5ad_inputs(inputs)]
+    step = begin_step(ctx, "build-context", {**settings_dict(settings), "inputs": inputs}, files,
+                      [Artifact(output, "cells")], output, overwrite)
+    if step is None:
+        return
+    with step.publishing(), progress_bar("build-context", unit="cells") as update:
+        result = run(inputs, output, settings, overwrite=overwrite, progress=update)
     _print_summary(result)
-    params = {"inputs": [str(p) for p in inputs], "output": str(output), "top_genes": top_genes,
-              "cell_type_col": cell_type_col, "donor_col": donor_col, "batch_col": batch_col,
-              "gene_col": gene_col, "max_cells": max_cells, "seed": seed,
-              "workers": config.workers, "context_config": context_config}
-    record(ctx, "build-context", params, started,
-           inputs=[Artifact(Path(f.input), "h5ad") for f in result.files],
-           outputs=[Artifact(output, "cells")])
+    step.record(started, {"summary": result.summary()})
 
 
 def _print_summary(result) -> None:

@@ -40,6 +40,9 @@ def score(
     partial: Annotated[bool, typer.Option(
         "--partial", help="With no input: score the finished shards even if some are missing.")] = False,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    label_ids: Annotated[Path | None, typer.Option(
+        "--label-ids", help="TSV of `label<TAB>CL term ID` for hierarchical metrics on data "
+                            "without ontology IDs.")] = None,
     seed: Seed = 0,
 ) -> None:
     """Cell-o1 metrics (cell accuracy, exact match, format legitimacy, uniqueness, length) for predictions.
@@ -47,13 +50,13 @@ def score(
     Example: [bold]cellpuzzle score preds/ --json report.json --plot by_n.png[/bold]
     Compare runs: [bold]cellpuzzle score runs/sft/ runs/grpo/ --reference splits/test.jsonl[/bold]
     """
-    from cellpuzzle_cli.scoring import ScoreRequest
-    from cellpuzzle_cli.scoring import score as run
+    from cellpuzzle_cli.scoring.command import ScoreRequest
+    from cellpuzzle_cli.scoring.command import score as run
 
     started = start(ctx)
     request = ScoreRequest(predictions=list(predictions or []), json_out=json_out, plot=plot,
                            reference=reference, tokenizer=tokenizer, cello1_compat=cello1_compat,
-                           partial=partial, bootstrap=bootstrap, seed=seed)
+                           partial=partial, bootstrap=bootstrap, seed=seed, label_ids=label_ids)
     outcome = run(request, manifest(ctx))
     for warning in outcome.warnings:
         err_console.print(f"[yellow]{escape(warning)}[/yellow]")
@@ -72,6 +75,8 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
 
 def _print(result: Any) -> None:
     from rich.table import Table
+
+    from cellpuzzle_cli.cli.score_tables import chance_cell, print_family_tables
 
     reports = result.reports
     table = Table(title=f"Scores (± as Cell-o1 reports it; [95% bootstrap CI]; prediction length in "
@@ -93,13 +98,15 @@ def _print(result: Any) -> None:
     by_n.add_column("N", justify="right")
     for r in reports:
         by_n.add_column(r.name, justify="right")
+    by_n.add_column("chance", justify="right", style="dim")
     for n in sorted({k for r in reports for k in r.by_n}):
         row = []
         for r in reports:
             m = r.by_n.get(n)
             row.append(f"{m['cell_accuracy']:.3f} / {m['exact_match']:.3f} ({m['count']})" if m else "-")
-        by_n.add_row(str(n), *row)
+        by_n.add_row(str(n), *row, chance_cell(n))
     console.print(by_n)
+    print_family_tables(console, reports)
     for r in reports:
         if r.missing:
             shown = ", ".join(r.missing[:10]) + (" …" if len(r.missing) > 10 else "")

@@ -27,10 +27,18 @@ def to_parquet(
     train: Annotated[Path | None, typer.Argument(
         help="Training puzzles (train.jsonl from `split`, or CellPuzzles JSON/Parquet). Default: "
              "the latest split's train file in the manifest.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", "-d", help="The training puzzles, as an option (like sft and predict take "
+                             "them); same as the positional argument.", show_default=False)]
+    = None,
     output: OutputDir = Path("rl-data"),
     val_size: Annotated[float, typer.Option(
         "--val-size", help="Validation puzzles: a fraction (<1) or a count; whole donor groups "
                            "when there are three or more.")] = ToParquetSettings.val_size,
+    data_source: Annotated[str, typer.Option(
+        "--data-source", help="The rows' data_source. Our reward accepts any; Cell-o1's reward "
+                              "returns -1 unless it contains 'cell_data', so pass cell_data to "
+                              "train with that reward.")] = ToParquetSettings.data_source,
     seed: Seed = ToParquetSettings.seed,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -42,11 +50,13 @@ def to_parquet(
     Example: cellpuzzle to-parquet splits/train.jsonl -o rl-data --val-size 0.1
     """
     from cellpuzzle_cli.config import settings_dict
+    from cellpuzzle_cli.rl_data import one_input
     from cellpuzzle_cli.rl_data import to_parquet as run
 
     started = start(ctx)
-    settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed)
-    data = input_or_latest(ctx, train, Kind.TRAIN_PUZZLES, "training data")
+    settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed,
+                             data_source=data_source)
+    data = input_or_latest(ctx, one_input(train, data), Kind.TRAIN_PUZZLES, "training data")
     outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / VAL_FILE, "val")]
     step = begin_step(ctx, "to-parquet", {**settings_dict(settings), "data": data},
                       [Artifact(data, "train")], outputs, output, overwrite)

@@ -28,8 +28,9 @@ from cellpuzzle_cli.predict.records import (
     read_done,
     rewrite_in_order,
 )
-from cellpuzzle_cli.predict.settings import PredictConfig, PredictSettings
+from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS, PredictConfig, PredictSettings
 from cellpuzzle_cli.predict.shards import Shard, parse_shard, select_shard, shard_filename
+from cellpuzzle_cli.puzzles import IDS_FIELD
 
 __all__ = [
     "RUN_FILE",
@@ -86,7 +87,7 @@ def _run_identity(settings: PredictSettings, backend: str) -> dict[str, Any]:
         "data": str(Path(settings.data).resolve()),
         "backend": backend,
         "model": model_label(backend, settings),
-        "train": str(Path(settings.train).resolve()) if backend == "baseline" else None,
+        "train": str(Path(settings.train).resolve()) if backend in TRAINED_BACKENDS else None,
         "num_shards": settings.num_shards,
         **{k: getattr(cfg, k) for k in _ANSWER_KEYS},
     }
@@ -183,6 +184,8 @@ def _line(record: dict[str, Any], outcome: _Outcome, backend: str, model: str) -
     }
     if gen and len(gen.texts) > 1:
         row["samples"] = gen.texts
+    if record.get(IDS_FIELD) is not None:   # gold ontology IDs, for score's hierarchical metrics
+        row[IDS_FIELD] = record[IDS_FIELD]
     return row
 
 

@@ -1,4 +1,4 @@
-"""Choosing and building a backend: hf (transformers), vllm, or the classical baseline."""
+"""Choosing and building a backend: hf (transformers), vllm, the baseline or CellTypist."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Backend, Generation
-from cellpuzzle_cli.predict.settings import BACKENDS, PredictSettings
+from cellpuzzle_cli.predict.settings import BACKENDS, TRAINED_BACKENDS, PredictSettings
 
 
 def resolve_backend(name: str) -> str:
@@ -28,8 +28,8 @@ def resolve_backend(name: str) -> str:
 
 def model_label(backend: str, settings: PredictSettings) -> str:
     """What the `model` field of every line says (and what a resumed run must match)."""
-    if backend == "baseline":
-        return "baseline"
+    if backend in TRAINED_BACKENDS:
+        return backend
     return str(Path(settings.model).resolve())
 
 
@@ -66,6 +66,14 @@ def make_backend(backend: str, settings: PredictSettings) -> Backend:
             raise UserError("--backend baseline learns from training puzzles: pass --train FILE "
                             "(a split's train.jsonl).")
         return BaselineAdapter(settings.train)
+    if backend == "celltypist":
+        from cellpuzzle_cli.io import read_records
+        from cellpuzzle_cli.predict.celltypist_backend import CellTypistBackend
+
+        if settings.train is None:
+            raise UserError("--backend celltypist learns from the training split's cells: pass "
+                            "--train FILE (a split's train.jsonl).")
+        return CellTypistBackend(read_records(settings.train), settings.expression)
     if settings.model is None:
         raise UserError(f"--backend {backend} needs a model: pass --model DIR (a Hugging Face "
                         "model folder from merge-lora, convert-ckpt or init-model).")

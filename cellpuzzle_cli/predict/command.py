@@ -1,7 +1,8 @@
 """The service behind `cellpuzzle predict`: resolve every default once, run, say what to record.
 
 The command module only parses options into a `PredictRequest`. Here the backend is chosen,
-the test data, training data (baseline) and model come from the manifest when not given, the
+the test data, training data (baseline, celltypist) and model come from the manifest when not
+given (Cell-o1's `../train/train_data.json` beside a `test/` file counts as given), the
 output folder is named, and one shard runs here (or all of them as Ray tasks). Each finished
 shard becomes one manifest entry, as if it had been launched by hand.
 """
@@ -17,7 +18,8 @@ from cellpuzzle_cli.io import Progress, labelled
 from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord
 from cellpuzzle_cli.predict import PredictResult, run_predict
 from cellpuzzle_cli.predict.backends import resolve_backend
-from cellpuzzle_cli.predict.settings import PredictConfig, PredictSettings
+from cellpuzzle_cli.predict.records import cello1_train_file
+from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS, PredictConfig, PredictSettings
 from cellpuzzle_cli.predict.shards import Shard, parse_shard
 
 
@@ -83,23 +85,36 @@ def resolve(req: PredictRequest, manifest: Manifest) -> tuple[PredictSettings, S
     data = manifest.input_or_latest(req.data, Kind.TEST_PUZZLES, "test data")
     notes.append(data.note("test data"))
     model = train = None
-    if backend == "baseline":
-        train = req.train or manifest.sibling_output(data.path, Kind.TRAIN_PUZZLES) \
-            or manifest.latest_output(Kind.TRAIN_PUZZLES)
-        if train is None:
-            raise UserError("--backend baseline learns from training puzzles, and the manifest "
-                            "records no split to take them from. Pass --train FILE.")
+    expression: list[Path] = []
+    if backend in TRAINED_BACKENDS:
+        train = _training_file(req.train, data.path, manifest, backend, notes)
+        if backend == "celltypist":
+            expression = manifest.sources_of_latest(Kind.CELLS)
     else:
         found = manifest.input_or_latest(req.model, Kind.MODEL, "model")
         notes.append(found.note("model"))
         model = found.path
-    out = req.output or Path("predictions") / ("baseline" if model is None else model.name)
+    out = req.output or Path("predictions") / (backend if model is None else model.name)
     config = PredictConfig(**{**asdict(req.config), "backend": backend})
     settings = PredictSettings(data=data.path, output_dir=out, model=model, train=train,
-                               shard_index=spec.index, num_shards=spec.count,
+                               expression=expression, shard_index=spec.index, num_shards=spec.count,
                                overwrite=req.overwrite, retry_errors=req.retry_errors,
                                trust_remote_code=req.trust_remote_code, config=config)
     return settings, spec, [n for n in notes if n]
+
+
+def _training_file(given: Path | None, test: Path, manifest: Manifest, backend: str,
+                   notes: list[str]) -> Path:
+    """--train, else the train split beside the test file, Cell-o1's layout, the latest split."""
+    train = given or manifest.sibling_output(test, Kind.TRAIN_PUZZLES)
+    if train is None and (train := cello1_train_file(test)) is not None:
+        notes.append(f"Training puzzles: {train} (Cell-o1's layout: ../train/train_data.json "
+                     "beside the test file).")
+    train = train or manifest.latest_output(Kind.TRAIN_PUZZLES)
+    if train is None:
+        raise UserError(f"--backend {backend} learns from training puzzles, and the manifest "
+                        "records no split to take them from. Pass --train FILE.")
+    return train
 
 
 def predict(req: PredictRequest, manifest: Manifest, progress: Progress | None = None) -> PredictRun:
@@ -120,7 +135,7 @@ def predict(req: PredictRequest, manifest: Manifest, progress: Progress | None =
 def shard_record(settings: PredictSettings, result: PredictResult, manifest: Manifest) -> RunRecord:
     """One finished shard as a manifest entry (`score` gathers a run's shards from these)."""
     inputs = [Artifact(Path(settings.data), "test")]
-    if result.backend == "baseline":
+    if result.backend in TRAINED_BACKENDS:
         inputs.append(Artifact(Path(settings.train), "train"))
     else:
         inputs.append(Artifact(Path(settings.model), "model"))

@@ -7,7 +7,6 @@ Resuming drops that torn tail and skips the puzzle ids already written.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,12 +17,18 @@ import orjson
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_write_bytes, check_unique_ids, dumps_line, read_records
 from cellpuzzle_cli.predict.shards import order_key
+from cellpuzzle_cli.prompts import record_puzzle_id
+
+CELLO1_TRAIN = Path("..") / "train" / "train_data.json"   # Cell-o1's data layout
 
 
-def _fallback_id(record: dict[str, Any]) -> str:
-    """Files without `puzzle_id` (e.g. other exports) get an id from their prompt text."""
-    text = (record.get("system_msg") or "") + "\0" + record["user_msg"]
-    return "sha-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+def cello1_train_file(test_file: Path) -> Path | None:
+    """`../train/train_data.json` beside a test file in Cell-o1's `test/` folder, if it exists."""
+    test_file = Path(test_file)
+    candidate = test_file.parent / CELLO1_TRAIN
+    if test_file.parent.name == "test" and candidate.is_file():
+        return candidate.resolve()
+    return None
 
 
 def load_test_records(path: Path) -> list[dict[str, Any]]:
@@ -45,7 +50,7 @@ def load_test_records(path: Path) -> list[dict[str, Any]]:
                             "CellPuzzles columns system_msg/user_msg/assistant_msg.")
         if rec.get("assistant_msg") is None and "answer" in rec:
             rec["assistant_msg"] = rec["answer"]
-        rec["puzzle_id"] = str(rec.get("puzzle_id") or _fallback_id(rec))
+        rec["puzzle_id"] = record_puzzle_id(rec)
         records.append(rec)
     check_unique_ids((r["puzzle_id"] for r in records), path, "Predictions are resumed by "
                      "puzzle id, so ids must be unique; de-duplicate the file or re-run "

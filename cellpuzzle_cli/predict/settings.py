@@ -9,7 +9,9 @@ from typing import Annotated
 from cellpuzzle_cli.config import Check, Count, NonNegative, Seed, Share, one_of
 from cellpuzzle_cli.errors import UserError
 
-BACKENDS = ("auto", "hf", "vllm", "baseline")
+BACKENDS = ("auto", "hf", "vllm", "baseline", "celltypist")
+# Backends that learn from the training split instead of loading a model.
+TRAINED_BACKENDS = ("baseline", "celltypist")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -44,7 +46,8 @@ class PredictSettings:
     data: Path
     output_dir: Path
     model: Path | None = None
-    train: Path | None = None        # baseline backend: the puzzles it learns from
+    train: Path | None = None        # baseline/celltypist: the puzzles they learn from
+    expression: list[Path] = field(default_factory=list)  # celltypist: build-context's .h5ad
     shard_index: int = 0
     num_shards: int = 1
     overwrite: bool = False

@@ -1,0 +1,74 @@
+"""`score`'s tables for the metric families beyond Cell-o1's: chance, per type, ontology.
+
+Rendering only: every number comes from the reports `scoring` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def chance_cell(n: int) -> str:
+    """The By-N table's chance column: 1/N per cell / 1/N! per puzzle."""
+    return f"{1 / n:.3f} / {1 / math.factorial(n):.3g}" if n > 0 else "-"
+
+
+def print_family_tables(console: Any, reports: Sequence[Any]) -> None:
+    """Chance, macro-F1 and hierarchical metrics side by side, then per-type F1 per run."""
+    from rich.table import Table
+
+    table = Table(title="Against chance, per type and over the Cell Ontology",
+                  title_justify="left")
+    table.add_column("metric")
+    for r in reports:
+        table.add_column(r.name, justify="right")
+    table.add_row("Cell accuracy (chance)",
+                  *[f"{r.overall['cell_accuracy']:.4f} ({r.overall['chance_cell_accuracy']:.4f})"
+                    for r in reports])
+    table.add_row("Exact match (chance)",
+                  *[f"{r.overall['exact_match']:.4f} ({r.overall['chance_exact_match']:.2g})"
+                    for r in reports])
+    table.add_row("Macro-F1 over gold types",
+                  *[f"{r.per_type.macro_f1:.4f}" if r.per_type else "-" for r in reports])
+    trees = [r.hierarchical for r in reports]
+    omitted = [t.omitted for t in trees if t is not None and t.omitted]
+    if any(t is not None and t.omitted is None for t in trees):
+        for key, label in (("precision", "Hierarchical precision"),
+                           ("recall", "Hierarchical recall"), ("f1", "Hierarchical F1")):
+            table.add_row(label, *[f"{getattr(t, key):.4f}" if t and t.omitted is None else "-"
+                                   for t in trees])
+        for rel in ("gold", "ancestor", "descendant", "unrelated", "unmapped", "no_answer"):
+            table.add_row(f"  answers: {rel.replace('_', ' ')}",
+                          *[f"{t.shares[rel]:.3f}" if t and t.shares else "-" for t in trees])
+    console.print(table)
+    if omitted:
+        console.print(f"[dim]Hierarchical metrics omitted: {omitted[0]}.[/dim]")
+    _print_per_type(console, reports)
+
+
+def _print_per_type(console: Any, reports: Sequence[Any]) -> None:
+    from rich.table import Table
+
+    runs = [r for r in reports if r.per_type is not None]
+    if not runs:
+        return
+    table = Table(title="Per gold type: F1 (precision / recall), support", title_justify="left")
+    table.add_column("type")
+    table.add_column("support", justify="right")
+    for r in runs:
+        table.add_column(r.name, justify="right")
+    types = list(dict.fromkeys(t for r in runs for t in r.per_type.types))
+    for name in types:
+        cells, support = [], "-"
+        for r in runs:
+            pt = r.per_type
+            if name not in pt.types:
+                cells.append("-")
+                continue
+            i = pt.types.index(name)
+            support = str(int(pt.support[i]))
+            cells.append(f"{pt.f1[i]:.3f} ({pt.precision[i]:.2f} / {pt.recall[i]:.2f})")
+        table.add_row(name, support, *cells)
+    console.print(table)

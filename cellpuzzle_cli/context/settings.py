@@ -1,0 +1,28 @@
+"""The options of one build-context run, kept apart so every context module can read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cellpuzzle_cli.config import Count, Seed
+
+# Knobs that change how fast, never what: left out of the saved build-context.yaml.
+MACHINE = {"machine": True}
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Options of one build-context run (the CLI's flags; saved as build-context.yaml)."""
+
+    top_genes: Count = 50
+    cell_type_col: str = "cell_type"
+    cell_type_id_col: str | None = None  # None: `cell_type_ontology_term_id` when present
+    donor_col: str | None = None      # None: `donor_id` when present, else one group per file
+    batch_col: str | None = None      # CELLxGENE has no batch column, so none by default
+    gene_col: str | None = None       # None: `feature_name` when present, else var_names
+    max_cells: Count | None = None    # per input file, seeded
+    seed: Seed = 0
+    context_config: Path | None = None
+    workers: Count | None = field(default=None, metadata=MACHINE)  # None: one per core, up to 8
+    chunk_cells: Count | None = field(default=None, metadata=MACHINE)  # None: sized by non-zeros

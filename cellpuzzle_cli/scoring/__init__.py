@@ -1,0 +1,125 @@
+"""`score`: metrics over prediction files, one report per run, composed from metric families.
+
+The package keeps one family per module: `runs` (which files form a run, reading them),
+`judging` (every prediction against its gold answer, and every cell's gold/predicted pair),
+`cello1` (Cell-o1's summary metrics with "±", standard errors and bootstrap intervals),
+`chance` (a random one-to-one assignment), `per_type` (precision/recall/F1 per type, macro-F1,
+confusion matrix), `hierarchy` (Cell Ontology hierarchical metrics) and `plot`. This module
+composes them into a `Report` per run; `command` is the service behind `cellpuzzle score`.
+The names callers use are re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellpuzzle_cli.errors import UserError, existing_path
+from cellpuzzle_cli.scoring.cello1 import METRICS, PM_DEFINITION, summarise
+from cellpuzzle_cli.scoring.chance import chance
+from cellpuzzle_cli.scoring.hierarchy import Hierarchical, hierarchical, read_label_ids
+from cellpuzzle_cli.scoring.judging import Judged, judge_run, tokenizer_lengths, whitespace_words
+from cellpuzzle_cli.scoring.per_type import PerType, per_type
+from cellpuzzle_cli.scoring.plot import plot_by_n
+from cellpuzzle_cli.scoring.runs import RunInput, collect_files, load_reference
+
+__all__ = ["METRICS", "PM_DEFINITION", "Hierarchical", "Judged", "PerType", "Report",
+           "RunInput", "ScoreResult", "collect_files", "judge_run", "load_reference",
+           "plot_by_n", "report", "score_runs", "summarise",
+           "tokenizer_lengths", "whitespace_words"]
+
+
+@dataclass
+class Report:
+    """The scores of one run: `overall` and `by_n` map metric names to numbers."""
+
+    name: str
+    overall: dict[str, Any]
+    by_n: dict[int, dict[str, Any]]
+    files: list[str]
+    errors: int
+    missing: list[str] | None = None
+    length_unit: str = "whitespace words"
+    cello1_compat: bool = False
+    bootstrap: dict[str, int] = field(default_factory=dict)
+    per_type: PerType | None = None
+    hierarchical: Hierarchical | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.overall)
+        out["overall"] = self.overall
+        out["by_n"] = {str(k): v for k, v in sorted(self.by_n.items())}
+        out["errors"] = self.errors
+        out["prediction_length_unit"] = self.length_unit
+        out["cello1_compat"] = self.cello1_compat
+        out["pm_definition"] = PM_DEFINITION
+        out["bootstrap"] = self.bootstrap
+        out["inputs"] = self.files
+        if self.missing is not None:
+            out["missing"] = self.missing
+            out["missing_count"] = len(self.missing)
+        if self.per_type is not None:
+            out["per_type"] = self.per_type.to_json()
+        if self.hierarchical is not None:
+            out["hierarchical"] = self.hierarchical.to_json()
+        return out
+
+
+def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool = False,
+           length_unit: str = "whitespace words",
+           reference: dict[str, dict[str, Any]] | None = None,
+           label_ids: dict[str, str] | None = None) -> Report:
+    """Every metric family for one judged run: overall, per N, per type and over the ontology."""
+    rng = np.random.default_rng(seed)
+    overall = summarise(j, None, rng, resamples)
+    overall["errors"] = j.errors
+    overall.update(chance(j.n))
+    by_n = {}
+    for value in np.unique(j.n):
+        mask = j.n == value
+        by_n[int(value)] = summarise(j, mask, np.random.default_rng([seed, int(value)]), resamples)
+        by_n[int(value)].update(chance(j.n[mask]))
+    missing = None
+    if reference is not None:
+        have = {p for p in j.puzzle_ids if p is not None}
+        missing = sorted(pid for pid in reference if pid not in have)
+    types = per_type(j.cells) if j.cells is not None else None
+    tree = hierarchical(j.cells, label_ids) if j.cells is not None else None
+    return Report(j.name, overall, by_n, [str(f) for f in j.files], j.errors, missing, length_unit,
+                  cello1_compat, {"resamples": resamples, "seed": seed}, types, tree)
+
+
+@dataclass
+class ScoreResult:
+    reports: list[Report]
+    length_unit: str
+
+    def to_json(self) -> dict[str, Any]:
+        if len(self.reports) == 1:
+            return self.reports[0].to_json()
+        return {r.name: r.to_json() for r in self.reports}
+
+
+def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
+               tokenizer: Path | None = None, reference: Path | None = None,
+               resamples: int = 1000, seed: int = 0,
+               label_ids: Path | None = None) -> ScoreResult:
+    """Judge and summarise each run; `label_ids` maps labels to CL terms (a TSV)."""
+    lengths = tokenizer_lengths(tokenizer) if tokenizer is not None else None
+    unit = f"tokens ({Path(tokenizer).name} tokenizer)" if tokenizer is not None else "whitespace words"
+    ref = load_reference(existing_path(reference, "reference file")) if reference is not None else None
+    table = read_label_ids(label_ids) if label_ids is not None else None
+    reports = []
+    for run in runs:
+        j = judge_run(run.name, run.files, cello1_compat, lengths, ref, run.strict)
+        if ref is not None and not any(pid in ref for pid in j.puzzle_ids):
+            raise UserError(f"None of the {len(j.puzzle_ids)} predictions of run '{run.name}' "
+                            f"has a puzzle id from the reference {reference}, so they answer "
+                            "other puzzles. Pass the test split these predictions were made on.")
+        reports.append(report(j, resamples, seed, cello1_compat, unit, ref, table))
+    return ScoreResult(reports, unit)
+
