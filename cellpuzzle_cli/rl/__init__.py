@@ -126,6 +126,10 @@ def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None 
         raise UserError("TRL has no PPO trainer (TRL 1.x removed it), so `rl ppo` runs on verl "
                         "only. Drop --backend trl (and cellpuzzle.backend: trl) to use verl, or "
                         "run `cellpuzzle rl grpo --backend trl` on one machine.")
+    if backend == "verl" and st.ours.device == "cpu":
+        from cellpuzzle_cli.rl.cpu_mode import check_local
+
+        check_local(st)
     if backend == "verl" and st.ours.ray_address:
         from cellpuzzle_cli.rl.verl_backend import check_ray_address
 
@@ -164,9 +168,7 @@ def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, 
     preflight.check_batches(cfg)
     if not req.dry_run:
         _check_files(st, [S.TRAIN_KEY, S.VAL_KEY])
-        if cpu:
-            cpu_mode.check_runtime_modules()
-        elif not st.ours.ray_address:
+        if not cpu and not st.ours.ray_address:
             _check_local_runtime(st)
     if not lenient:
         notes += _prompt_checks(cfg, req.dry_run)
@@ -174,6 +176,8 @@ def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, 
                       overrides=overrides, notes=notes + vplan.notes, inputs=inputs)
     if req.dry_run:
         return result
+    if cpu:  # last: everything above is checkable without verl's trainer modules
+        cpu_mode.check_runtime_modules()
     _prepare_output(output, req.overwrite)
     write_json(output / "rl_config.json", {
         "algorithm": req.algorithm, "backend": "verl", "config_file": st.source,

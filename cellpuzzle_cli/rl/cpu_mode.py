@@ -61,14 +61,18 @@ def laptop_defaults(n_gpus: int) -> dict[str, Any]:
     }
 
 
-def check_verl_version() -> None:
-    """The plugin patches verl internals as 0.9.1 has them; refuse any other version."""
-    try:
-        import verl
-    except ImportError as exc:
-        raise UserError("--device cpu runs verl's trainer, but verl is not installed. Install "
-                        "it with `pip install 'cellpuzzle[verl]'`.") from exc
-    version = getattr(verl, "__version__", "unknown")
+def check_verl_version(version: str | None = None) -> None:
+    """The plugin patches verl internals as 0.9.1 has them; refuse any other version.
+
+    `version` defaults to the installed verl's.
+    """
+    if version is None:
+        try:
+            import verl
+        except ImportError as exc:
+            raise UserError("--device cpu runs verl's trainer, but verl is not installed. "
+                            "Install it with `pip install 'cellpuzzle[verl]'`.") from exc
+        version = str(getattr(verl, "__version__", "unknown"))
     if version != SUPPORTED_VERL:
         raise UserError(f"--device cpu supports verl {SUPPORTED_VERL} only (its CPU plugin "
                         f"patches that version's internals), but verl {version} is installed. "
@@ -87,6 +91,13 @@ def check_runtime_modules() -> None:
                         "with `pip install 'cellpuzzle[verl]'`.")
 
 
+def check_local(st: S.RLSettings) -> None:
+    """A CPU run starts its own Ray: an existing cluster's workers would lack the plugin."""
+    if st.ours.ray_address:
+        raise UserError("--device cpu starts its own Ray on this machine; drop --ray-address "
+                        "(and cellpuzzle.ray_address), or drop --device cpu to use the cluster.")
+
+
 def _user_value(explicit: Mapping[str, Any], key: str) -> tuple[bool, Any]:
     bare = S.bare_key(key)
     for k in (bare, "+" + bare, "++" + bare):
@@ -98,9 +109,7 @@ def _user_value(explicit: Mapping[str, Any], key: str) -> tuple[bool, Any]:
 def apply_cpu_device(st: S.RLSettings, explicit: Mapping[str, Any], shipped: bool,
                      gpus_flag: int | None) -> list[str]:
     """Set the CPU keys on `st`; `explicit` are the command-line overrides. Returns notes."""
-    if st.ours.ray_address:
-        raise UserError("--device cpu starts its own Ray on this machine; drop --ray-address "
-                        "(and cellpuzzle.ray_address), or drop --device cpu to use the cluster.")
+    check_local(st)
     given, n_gpus = _user_value(explicit, S.GPUS_KEY)
     if gpus_flag is not None:
         n_gpus = gpus_flag
@@ -125,8 +134,8 @@ def apply_cpu_device(st: S.RLSettings, explicit: Mapping[str, Any], shipped: boo
             if not given:
                 S.set_key(st, key, value)
     if replaced:
-        return [f"--device cpu replaced {', '.join(replaced)} (CPU-only runs need "
-                "the hf rollout, FSDP2 and the legacy trainer)."]
+        return [(f"--device cpu replaced {', '.join(replaced)} (CPU-only runs need "
+                 "the hf rollout, FSDP2 and the legacy trainer).")]
     return []
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import ray
 import torch
-
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
@@ -149,7 +148,7 @@ class HFRolloutServer:
 
     async def wait_for_requests_to_drain(self) -> None:
         async with self.lock:
-            return None
+            return
 
     async def abort_all_requests(self, reject_request: bool = False, **_: Any) -> dict[str, Any]:
         return {"aborted_count": 0, "request_ids": []}

@@ -58,7 +58,8 @@ def model_problem(path: Any, trust_remote_code: bool = False, load: bool = True)
 
             AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
             AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        except Exception as exc:  # transformers raises many types for a broken folder
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError,
+                RuntimeError) as exc:  # what transformers raises for a broken folder
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return f"'{folder}' cannot be loaded with transformers ({first})"
     return None

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
 PLATFORM = "cpu"
@@ -172,7 +171,7 @@ def _patch_fsdp2_offload_policy() -> None:
     and offloaded actors/critics; pinning host memory needs an accelerator, so it fails on a
     CPU-only torch. The subclass keeps `isinstance` checks working and only drops the pinning.
     """
-    import verl.utils.fsdp_utils as fsdp_utils
+    from verl.utils import fsdp_utils
 
     base = fsdp_utils.CPUOffloadPolicy
     if base is None or getattr(base, "_cellpuzzle_unpinned", False):
