@@ -148,11 +148,9 @@ def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None 
 
 def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
               notes: list[str]) -> RLResult:
-    from cellpuzzle_cli.io import write_json
-    from cellpuzzle_cli.rl import preflight, verl_backend
+    from cellpuzzle_cli.rl import preflight
 
-    cpu = st.ours.device == "cpu"
-    if cpu:
+    if st.ours.device == "cpu":
         from cellpuzzle_cli.rl import cpu_mode
 
         cpu_mode.check_verl_version()
@@ -161,22 +159,44 @@ def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, 
     canary = preflight.RewardCanary(output) if st.ours.reward_canary else None
     if canary:
         _add_canary_keys(st, canary)
+    vplan = _checked_plan(req, st, notes)
+    result = RLResult(req.algorithm, "verl", req.dry_run, output, command=vplan.command,
+                      overrides=vplan.overrides, notes=notes, inputs=inputs)
+    if not req.dry_run:
+        result.exit_code = _launch(req, st, output, vplan, canary)
+        result.reward_calls = canary.calls() if canary else None
+    return result
+
+
+def _checked_plan(req: RLRequest, st: S.RLSettings, notes: list[str]) -> Any:
+    """verl's config composed and validated, then our pre-flight checks; notes go to `notes`."""
+    from cellpuzzle_cli.rl import preflight, verl_backend
+
     overrides = S.to_overrides(st.verl)
     cfg = verl_backend.compose_config(overrides)
     lenient = _model_leniency(req, st, cfg, notes)
     vplan = verl_backend.plan(overrides, check=True, lenient_models=lenient, cfg=cfg)
+    notes += vplan.notes
     preflight.check_batches(cfg)
     if not req.dry_run:
         _check_files(st, [S.TRAIN_KEY, S.VAL_KEY])
-        if not cpu and not st.ours.ray_address:
+        if st.ours.device != "cpu" and not st.ours.ray_address:
             _check_local_runtime(st)
     if not lenient:
         notes += _prompt_checks(cfg, req.dry_run)
-    result = RLResult(req.algorithm, "verl", req.dry_run, output, command=vplan.command,
-                      overrides=overrides, notes=notes + vplan.notes, inputs=inputs)
-    if req.dry_run:
-        return result
-    if cpu:  # last: everything above is checkable without verl's trainer modules
+    return vplan
+
+
+def _launch(req: RLRequest, st: S.RLSettings, output: Path, vplan: Any,
+            canary: RewardCanary | None) -> int:
+    """Run verl in its own session, watched by the canary; returns verl's exit code."""
+    from cellpuzzle_cli.io import write_json
+    from cellpuzzle_cli.rl import verl_backend
+
+    cpu = st.ours.device == "cpu"
+    if cpu:  # last: everything before is checkable without verl's trainer modules
+        from cellpuzzle_cli.rl import cpu_mode
+
         cpu_mode.check_runtime_modules()
     _prepare_output(output, req.overwrite)
     write_json(output / "rl_config.json", {
@@ -189,15 +209,12 @@ def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, 
         env.update(canary.env())
     if cpu:
         env = cpu_mode.environment(env)
-    result.exit_code = verl_backend.run(vplan.command, env=env,
-                                        watch=canary.check if canary else None,
-                                        timeout_s=st.ours.run_timeout_s)
-    if canary:
-        result.reward_calls = canary.calls()
-        problem = canary.final(result.exit_code)
-        if problem:
-            raise UserError(problem)
-    return result
+    code = verl_backend.run(vplan.command, env=env, watch=canary.check if canary else None,
+                            timeout_s=st.ours.run_timeout_s)
+    problem = canary.final(code) if canary else None
+    if problem:
+        raise UserError(problem)
+    return code
 
 
 def _prompt_checks(cfg: Any, dry_run: bool) -> list[str]:

@@ -55,9 +55,9 @@ def laptop_defaults(n_gpus: int) -> dict[str, Any]:
         "actor_rollout_ref.rollout.agent.num_workers": 1,
         "reward.num_workers": 1,
         "data.dataloader_num_workers": 0,
-        # verl's default attention is flash-attention 2 (CUDA only)
+        # verl's default attention is flash-attention 2 (CUDA only); the critic ignores this
+        # key, so the plugin loads it with SDPA itself
         "+actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
-        "+critic.model.override_config.attn_implementation": "sdpa",
     }
 
 

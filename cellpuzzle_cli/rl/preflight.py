@@ -253,8 +253,9 @@ def check_prompts(cfg: Any) -> list[str]:
     files = [(f, "train") for f in _files(_get(cfg, "data.train_files"))]
     files += [(f, "val") for f in _files(_get(cfg, "data.val_files"))]
     files = [(f, split) for f, split in files if _is_local(f) and Path(f).expanduser().is_file()]
-    if not files:
-        return []
+    tokenizer_path = _get(cfg, f"{MODEL}.tokenizer_path") or _get(cfg, f"{MODEL}.path")
+    if not files or not _is_local(tokenizer_path):
+        return []  # remote data or model: nothing to measure here
     tokenizer = _tokenizer(cfg)
     notes: list[str] = []
     left = {"train": 0, "val": 0}
