@@ -113,10 +113,10 @@ def _rollout_split(cfg: Any, n_gpus: int, per_node: int) -> Iterator[str]:
     size = tp * int(_get(cfg, f"{ROLLOUT}.data_parallel_size", 1)) * int(
         _get(cfg, f"{ROLLOUT}.pipeline_model_parallel_size", 1))
     if n_gpus % size:
-        yield (f"{ROLLOUT}.tensor_model_parallel_size={tp} (x data/pipeline parallel = {size} "
-               f"GPUs per rollout replica) does not divide the {n_gpus} GPUs of "
-               "trainer.nnodes x trainer.n_gpus_per_node. Use a tensor parallel size that divides "
-               "the GPU count, or change the GPU count.")
+        yield (f"A rollout replica takes {size} GPUs ({ROLLOUT}.tensor_model_parallel_size={tp} "
+               "x data x pipeline parallel size), which does not divide the "
+               f"{n_gpus} GPUs of trainer.nnodes x trainer.n_gpus_per_node. Use a tensor "
+               "parallel size that divides the GPU count, or change the GPU count.")
     elif size > per_node and size % per_node:
         yield (f"A rollout replica of {size} GPUs ({ROLLOUT}.tensor_model_parallel_size) cannot be "
                f"split into nodes of trainer.n_gpus_per_node={per_node}. Use a replica size "
