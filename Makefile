@@ -22,7 +22,7 @@ test: install  ## fast suite (slow tests excluded)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q
 
 # verl's real trainer on CPU (rl --device cpu): GRPO 2 steps, PPO 1 step, the reward canary.
-# About 6 minutes on 2 cores; each run has a hard timeout and its own process session.
+# About 5 minutes on 2 cores; each run has a hard timeout and its own process session.
 test-verl-cpu: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -q tests/test_rl_verl_cpu.py
 

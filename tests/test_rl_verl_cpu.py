@@ -2,7 +2,7 @@
 
 The slow tests run `cellpuzzle rl grpo|ppo --device cpu` for real: verl 0.9.1, Ray, FSDP2 and
 our reward, in a child process with its own session and a hard timeout (Ray can hang instead
-of failing). Each takes about two minutes on two CPU cores. The fast tests cover the
+of failing). Each takes 70-120 s on two CPU cores. The fast tests cover the
 pre-flight checks, which must refuse a job within seconds and before Ray starts.
 """
 
