@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
 CP     := HF_HUB_OFFLINE=1 $(BIN)/cellpuzzle --manifest $(DEMO)/cellpuzzle.json
 
-.PHONY: install test test-all demo bench lint clean
+.PHONY: install test test-all test-verl-cpu demo bench lint clean
 
 # torch first, from the local CPU wheel: an unpinned torch would pull gigabytes of CUDA.
 $(STAMP): pyproject.toml
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 test: install  ## fast suite (slow tests excluded)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q
+
+# verl's real trainer on CPU (rl --device cpu): GRPO 2 steps, PPO 1 step, the reward canary.
+# About 5 minutes on 2 cores; each run has a hard timeout and its own process session.
+test-verl-cpu: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -q tests/test_rl_verl_cpu.py
 
 test-all: install  ## everything, slow tests included
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

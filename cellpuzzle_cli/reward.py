@@ -8,10 +8,16 @@ illegitimate layout, a wrong number of items or a repeated item; otherwise
 Repeats: `partial` and `exact` count items that differ only in case (`X | x`) as a repeat
 (−1), like `score`; `cello1` follows Cell-o1's reward, which compares case-sensitively and so
 gives such an answer partial credit, exactly as `score --cello1-compat` counts it.
+
+When `CELLPUZZLE_REWARD_LOG` names a file, `compute_score` appends its first calls in each
+process there (one JSON line each). `rl` sets it for verl runs: it is how the reward canary
+knows that verl really called this function, and what tests compare verl's scores with.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +36,25 @@ def reward(completion: str | None, ground_truth: str | Sequence[str], variant: s
     return reward_from_verdict(judge(completion, answer_items(ground_truth), cased), variant)
 
 
+REWARD_LOG_ENV = "CELLPUZZLE_REWARD_LOG"
+REWARD_LOG_LIMIT = 64  # calls logged per process: enough to prove the calls, bounded on a cluster
+_logged_calls = 0
+
+
+def _log_call(record: dict[str, Any]) -> None:
+    """Append one call to the reward log, if one is asked for; never fails the reward."""
+    global _logged_calls
+    path = os.environ.get(REWARD_LOG_ENV)
+    if not path or _logged_calls >= REWARD_LOG_LIMIT:
+        return
+    _logged_calls += 1
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"pid": os.getpid(), **record}, default=str) + "\n")
+    except OSError:
+        pass
+
+
 def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
                   extra_info: dict[str, Any] | None = None, **_: Any) -> float:
     """verl's custom-reward entry point; any `data_source` is accepted (ours is `cellpuzzle`).
@@ -39,7 +64,10 @@ def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
     variant = (extra_info or {}).get("reward_variant") or DEFAULT_VARIANT
     if isinstance(ground_truth, dict):  # tolerate reward_model dicts passed whole
         ground_truth = ground_truth.get("ground_truth", "")
-    return reward(solution_str, ground_truth, variant)
+    value = reward(solution_str, ground_truth, variant)
+    _log_call({"data_source": data_source, "ground_truth": ground_truth, "variant": variant,
+               "solution": solution_str, "score": value})
+    return value
 
 
 def completion_text(completion: Any) -> str:

@@ -67,3 +67,67 @@ def assert_exit2(result, *fragments: str) -> None:
     text = " ".join(result.output.replace("│", " ").split()).lower()
     for fragment in fragments:
         assert fragment.lower() in text, f"{fragment!r} not in: {result.output}"
+
+
+def write_split_records(path: Path, puzzles: list[dict]) -> Path:
+    """Puzzles as `split` writes them (system/user/assistant turns), the input of to-parquet."""
+    from cellpuzzle_cli.io import write_jsonl
+
+    records = [{"system_msg": SYSTEM_PROMPT, "user_msg": p["question"],
+                "assistant_msg": f"<think>\nmarkers\n</think>\n<answer>{p['answer']}</answer>",
+                "puzzle_id": p["puzzle_id"], "n": p["n"], "group": p["group"]} for p in puzzles]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, records)
+    return path
+
+
+def teach_answer_format(model_dir: Path, train_parquet: Path, out_dir: Path, steps: int = 200,
+                        lr: float = 3e-3, seed: int = 0) -> Path:
+    """The model fine-tuned to answer in the puzzle layout with a random order of the gold types.
+
+    A random model never writes a legitimate answer, so every sample scores -1 and GRPO's
+    advantages (and its update) are zero. This model writes the layout with varying
+    assignments, so samples of one prompt score differently (-1 for a repeated type, 0 to 1
+    by position): the reward spread that makes a GRPO step move the weights.
+    """
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = pq.read_table(train_parquet).to_pylist()
+    prompts = [tokenizer(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True,
+                                                       tokenize=False),
+                         add_special_tokens=False)["input_ids"] for r in rows]
+    golds = [r["reward_model"]["ground_truth"].split(" | ") for r in rows]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains fastest on one thread
+    try:
+        for _ in range(steps):
+            pairs = []
+            for prompt, gold in zip(prompts, golds):
+                order = rng.sample(gold, len(gold))
+                answer = (f"<think>\nmarkers\n</think>\n<answer>{' | '.join(order)}</answer>"
+                          f"{tokenizer.eos_token}")
+                pairs.append((prompt, tokenizer(answer, add_special_tokens=False)["input_ids"]))
+            width = max(len(p) + len(a) for p, a in pairs)
+            ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+            labels = torch.full((len(pairs), width), -100)
+            mask = torch.zeros((len(pairs), width), dtype=torch.long)
+            for i, (prompt, answer) in enumerate(pairs):
+                end = len(prompt) + len(answer)
+                ids[i, :end] = torch.tensor(prompt + answer)
+                labels[i, len(prompt):end] = torch.tensor(answer)
+                mask[i, :end] = 1
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -27,6 +27,11 @@ app = typer.Typer(no_args_is_help=True)
 Backend = Annotated[str | None, typer.Option(
     "--backend", help="verl (Ray, GPUs; the default) or trl (one machine, CPU or one GPU). "
                       "Overrides cellpuzzle.backend in the config.", show_default=False)]
+Device = Annotated[str | None, typer.Option(
+    "--device", help="auto (verl: the cluster's GPUs; trl: CUDA if present) or cpu: verl's real "
+                     "trainer on this machine's CPU through cellpuzzle's verl plugin, for a smoke "
+                     "run of the same job on a tiny model (it sets the CPU keys itself). "
+                     "Overrides cellpuzzle.device.", show_default=False)]
 DryRun = Annotated[bool, typer.Option(
     "--dry-run", help="Compose verl's own config with your keys, run its checks, print the "
                       "command, and stop.")]
@@ -54,6 +59,7 @@ GRPO_HELP = """GRPO with the CellPuzzles reward (Cell-o1's settings: configs/grp
     Examples:
     [bold]cellpuzzle rl grpo --dry-run actor_rollout_ref.rollout.n=8[/bold]
     [bold]cellpuzzle rl grpo --backend trl trainer.total_training_steps=3 -o rl-trl[/bold]
+    [bold]cellpuzzle rl grpo --device cpu --model tiny-model trainer.total_training_steps=2[/bold]
     """
 
 PPO_HELP = """PPO with a critic, on verl only (Cell-o1's settings: configs/ppo.yaml).
@@ -67,6 +73,7 @@ def rl_command(
     overrides: Overrides = None,
     config: ConfigFile = None,
     backend: Backend = None,
+    device: Device = None,
     dry_run: DryRun = False,
     ray_address: RayAddress = None,
     nnodes: Nnodes = None,
@@ -93,7 +100,8 @@ def rl_command(
         return input_or_latest(ctx, None, kind, label)
 
     request = RLRequest(algorithm=algorithm, config_file=config,
-                        overrides=parse_overrides(overrides), backend=backend, dry_run=dry_run,
+                        overrides=parse_overrides(overrides), backend=backend, device=device,
+                        dry_run=dry_run,
                         ray_address=ray_address, nnodes=nnodes, gpus_per_node=gpus_per_node,
                         train=data, val=val_data, model=model, output=output, overwrite=overwrite)
     with progress_bar(f"rl {algorithm}") as update:
@@ -110,7 +118,7 @@ def rl_command(
             for key, value in (result.grpo_args or {}).items():
                 console.print(f"  {key} = {value!r}", highlight=False, markup=False)
         return
-    params = {"algorithm": algorithm, "backend": result.backend, "config": config,
+    params = {"algorithm": algorithm, "backend": result.backend, "device": device, "config": config,
               "overrides": result.overrides}
     inputs = [Artifact(p, n) for n, p in result.inputs.items()]
     if result.backend == "trl":
@@ -122,6 +130,9 @@ def rl_command(
     if result.exit_code != 0:
         err_console.print(f"[red]verl exited with code {result.exit_code}[/red]; see its log above.")
         raise typer.Exit(result.exit_code)
+    if result.reward_calls is not None:
+        console.print(f"Reward canary: verl called cellpuzzle's reward ({result.reward_calls} "
+                      "call(s) logged).")
     console.print(f"[green]verl finished.[/green] Checkpoints in {result.output}; convert one with "
                   f"`cellpuzzle convert-ckpt {result.output}`.")
     record(ctx, f"rl {algorithm}", params, started, inputs, [Artifact(result.output, "checkpoints")])

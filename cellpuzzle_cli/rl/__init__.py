@@ -6,14 +6,18 @@ default their data, model and reward to the manifest and `cellpuzzle_cli.reward`
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.rl import settings as S
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.rl.preflight import RewardCanary
 
 Lookup = Callable[[str], "Path | None"]
 PLACEHOLDER = "MISSING-{what}"
@@ -25,6 +29,7 @@ class RLRequest:
     config_file: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     backend: str | None = None
+    device: str | None = None
     dry_run: bool = False
     ray_address: str | None = None
     nnodes: int | None = None
@@ -50,6 +55,7 @@ class RLResult:
     grpo_args: dict[str, Any] | None = None
     steps: int = 0
     rewards: list[float] = field(default_factory=list)
+    reward_calls: int | None = None  # verl: calls of our reward logged by the canary
 
 
 def _apply_flags(req: RLRequest, st: S.RLSettings) -> None:
@@ -57,6 +63,10 @@ def _apply_flags(req: RLRequest, st: S.RLSettings) -> None:
         if req.backend not in S.BACKENDS:
             raise UserError(f"Unknown --backend '{req.backend}'. Use one of {', '.join(S.BACKENDS)}.")
         st.ours.backend = req.backend
+    if req.device:
+        if req.device not in S.DEVICES:
+            raise UserError(f"Unknown --device '{req.device}'. Use one of {', '.join(S.DEVICES)}.")
+        st.ours.device = req.device
     if req.ray_address:
         st.ours.ray_address = req.ray_address
     if req.nnodes is not None:
@@ -116,6 +126,10 @@ def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None 
         raise UserError("TRL has no PPO trainer (TRL 1.x removed it), so `rl ppo` runs on verl "
                         "only. Drop --backend trl (and cellpuzzle.backend: trl) to use verl, or "
                         "run `cellpuzzle rl grpo --backend trl` on one machine.")
+    if backend == "verl" and st.ours.device == "cpu":
+        from cellpuzzle_cli.rl.cpu_mode import check_local
+
+        check_local(st)
     if backend == "verl" and st.ours.ray_address:
         from cellpuzzle_cli.ray_cluster import check_ray_address
 
@@ -134,32 +148,128 @@ def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None 
 
 def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
               notes: list[str]) -> RLResult:
+    from cellpuzzle_cli.rl import preflight
+
+    if st.ours.device == "cpu":
+        from cellpuzzle_cli.rl import cpu_mode
+
+        cpu_mode.check_verl_version()
+        notes += cpu_mode.apply_cpu_device(st, req.overrides, shipped=req.config_file is None,
+                                           gpus_flag=req.gpus_per_node)
+    canary = preflight.RewardCanary(output) if st.ours.reward_canary else None
+    if canary:
+        _add_canary_keys(st, canary)
+    vplan = _checked_plan(req, st, notes)
+    result = RLResult(req.algorithm, "verl", req.dry_run, output, command=vplan.command,
+                      overrides=vplan.overrides, notes=notes, inputs=inputs)
+    if not req.dry_run:
+        result.exit_code = _launch(req, st, output, vplan, canary)
+        result.reward_calls = canary.calls() if canary else None
+    return result
+
+
+def _checked_plan(req: RLRequest, st: S.RLSettings, notes: list[str]) -> Any:
+    """verl's config composed and validated, then our pre-flight checks; notes go to `notes`."""
+    from cellpuzzle_cli.rl import preflight, verl_backend
+
+    overrides = S.to_overrides(st.verl)
+    cfg = verl_backend.compose_config(overrides)
+    lenient = _model_leniency(req, st, cfg, notes)
+    vplan = verl_backend.plan(overrides, check=True, lenient_models=lenient, cfg=cfg)
+    notes += vplan.notes
+    preflight.check_batches(cfg)
+    if not req.dry_run:
+        _check_files(st, [S.TRAIN_KEY, S.VAL_KEY])
+        if st.ours.device != "cpu" and not st.ours.ray_address:
+            _check_local_runtime(st)
+    if not lenient:
+        notes += _prompt_checks(cfg, req.dry_run)
+    return vplan
+
+
+def _launch(req: RLRequest, st: S.RLSettings, output: Path, vplan: Any,
+            canary: RewardCanary | None) -> int:
+    """Run verl in its own session, watched by the canary; returns verl's exit code."""
     from cellpuzzle_cli.io import write_json
     from cellpuzzle_cli.rl import verl_backend
 
-    overrides = S.to_overrides(st.verl)
-    placeholder = any(str(v).startswith(PLACEHOLDER.format(what="")) for v in st.verl.values())
-    vplan = verl_backend.plan(overrides, check=True, lenient_models=placeholder and req.dry_run)
-    result = RLResult(req.algorithm, "verl", req.dry_run, output, command=vplan.command,
-                      overrides=overrides, notes=notes + vplan.notes, inputs=inputs)
-    if req.dry_run:
-        return result
-    _check_files(st, [S.TRAIN_KEY, S.VAL_KEY])
-    if not st.ours.ray_address:
-        _check_local_runtime(st)
-    if output.exists() and any(output.iterdir()):
-        if not req.overwrite and not (output / "latest_checkpointed_iteration.txt").exists():
-            raise UserError(f"The output folder '{output}' already holds files that are not a verl "
-                            "checkpoint. Choose another -o, or pass --overwrite to replace it.")
-        if req.overwrite:
-            shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    cpu = st.ours.device == "cpu"
+    if cpu:  # last: everything before is checkable without verl's trainer modules
+        from cellpuzzle_cli.rl import cpu_mode
+
+        cpu_mode.check_runtime_modules()
+    _prepare_output(output, req.overwrite)
     write_json(output / "rl_config.json", {
         "algorithm": req.algorithm, "backend": "verl", "config_file": st.source,
         "verl_keys": st.verl, "cellpuzzle": vars(st.ours), "command": vplan.command,
         "resolved": vplan.config})
-    result.exit_code = verl_backend.run(vplan.command)
-    return result
+    env = dict(os.environ)
+    if canary:
+        canary.reset()
+        env.update(canary.env())
+    if cpu:
+        env = cpu_mode.environment(env)
+    code = verl_backend.run(vplan.command, env=env, watch=canary.check if canary else None,
+                            timeout_s=st.ours.run_timeout_s)
+    problem = canary.final(code) if canary else None
+    if problem:
+        raise UserError(problem)
+    return code
+
+
+def _prompt_checks(cfg: Any, dry_run: bool) -> list[str]:
+    """The data checks; a dry run (often on sample data) reports what a real run would refuse."""
+    from cellpuzzle_cli.rl import preflight
+
+    try:
+        return preflight.check_prompts(cfg)
+    except UserError as exc:
+        if not dry_run:
+            raise
+        return [f"A real run would stop here: {exc}"]
+
+
+def _add_canary_keys(st: S.RLSettings, canary: RewardCanary) -> None:
+    """verl's file logger on, and the canary's variables in every Ray worker, also on a cluster
+    whose workers do not inherit this process's environment."""
+    for name, value in canary.env().items():
+        S.set_key(st, f"+ray_kwargs.ray_init.runtime_env.env_vars.{name}", value)
+    loggers = st.get("trainer.logger", ["console"])
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
+    if "file" not in loggers:
+        S.set_key(st, "trainer.logger", [*loggers, "file"])
+
+
+def _model_leniency(req: RLRequest, st: S.RLSettings, cfg: Any, notes: list[str]) -> bool:
+    """A real run needs loadable model folders; a dry run checks without them, saying so."""
+    from cellpuzzle_cli.rl import preflight
+
+    if not req.dry_run:
+        preflight.check_models(cfg)
+        return False
+    placeholder = any(str(v).startswith(PLACEHOLDER.format(what="")) for v in st.verl.values())
+    if placeholder:
+        return True
+    from omegaconf import OmegaConf
+
+    for key in preflight.model_keys(cfg):
+        problem = preflight.model_problem(OmegaConf.select(cfg, key), load=False)
+        if problem:
+            notes.append(f"{key}: {problem}, so verl's model checks (PPO's critic loads the "
+                         "model's tokenizer) and the prompt-length check were skipped. A real "
+                         "run needs the model folder.")
+            return True
+    return False
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()):
+        if not overwrite and not (output / "latest_checkpointed_iteration.txt").exists():
+            raise UserError(f"The output folder '{output}' already holds files that are not a verl "
+                            "checkpoint. Choose another -o, or pass --overwrite to replace it.")
+        if overwrite:
+            shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
 
 
 def _check_local_runtime(st: S.RLSettings) -> None:
@@ -193,7 +303,7 @@ def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, P
         if "not installed" not in str(exc):
             raise
         notes.append("verl is not installed: config keys were not checked against its schema.")
-    tplan = trl_backend.build_plan(st, use_cpu=_no_cuda())
+    tplan = trl_backend.build_plan(st, use_cpu=st.ours.device == "cpu" or _no_cuda())
     result = RLResult(req.algorithm, "trl", req.dry_run, output, overrides=S.to_overrides(st.verl),
                       notes=notes + [tplan.ignored_note], inputs=inputs, grpo_args=tplan.grpo_args)
     if req.dry_run:

@@ -20,6 +20,7 @@ from cellpuzzle_cli.errors import UserError
 
 ALGORITHMS = ("grpo", "ppo")
 BACKENDS = ("verl", "trl")
+DEVICES = ("auto", "cpu")
 OURS = "cellpuzzle"
 
 # The reward keys verl 0.9.1's main_ppo reads (verl/trainer/ppo/reward.py get_custom_reward_fn).
@@ -46,8 +47,11 @@ class Ours:
     """The `cellpuzzle:` section: what verl has no key for."""
 
     backend: str = "verl"
+    device: str = "auto"  # auto: verl on the cluster's GPUs; cpu: verl's trainer on this CPU
     ray_address: str | None = None
     ray_connect_timeout_s: float = 5.0
+    reward_canary: bool = True  # stop a verl run whose first step did not call our reward
+    run_timeout_s: float | None = None  # kill a verl run (and its Ray) after this long
     seed: int = 0
     logging_steps: int = 1
 
@@ -131,12 +135,22 @@ def load_settings(algorithm: str, file: Path | None, overrides: dict[str, Any]) 
     ours = Ours(**ours_values)
     if ours.backend not in BACKENDS:
         raise UserError(f"Unknown backend '{ours.backend}'. Use one of {', '.join(BACKENDS)}.")
+    if ours.device not in DEVICES:
+        raise UserError(f"Unknown device '{ours.device}'. Use one of {', '.join(DEVICES)}.")
     return RLSettings(algorithm=algorithm, ours=ours, verl=verl, source=str(path))
 
 
 def set_default(settings: RLSettings, key: str, value: Any) -> None:
     if not settings.has(key):
         settings.verl[key] = value
+
+
+def set_key(settings: RLSettings, key: str, value: Any) -> None:
+    """Set `key` to `value`, replacing it under any `+`/`++` spelling it already has."""
+    bare = bare_key(key)
+    for k in (bare, "+" + bare, "++" + bare):
+        settings.verl.pop(k, None)
+    settings.verl[key] = value
 
 
 _KEYWORDS = {"true", "false", "null", "inf", "nan", "yes", "no", "on", "off"}

@@ -3,17 +3,21 @@
 The dry run composes verl's `ppo_trainer` config with our overrides in this process and runs
 verl's `validate_config`, so a misspelt key or an inconsistent batch size fails on the
 laptop, not on the cluster. The real run is the same override list handed to
-`python -m verl.trainer.main_ppo` as an argument list; its log streams through and its exit
-code is ours.
+`python -m verl.trainer.main_ppo` as an argument list, in its own process session (Ray can
+hang rather than fail, and then the whole session is stopped); its log streams through and its
+exit code is ours.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,20 +141,65 @@ def validate(cfg: Any, lenient_models: bool = False) -> list[str]:
     return notes
 
 
-def plan(overrides: list[str], check: bool = True, lenient_models: bool = False) -> VerlPlan:
-    """The command to run, after composing (and, with `check`, validating) verl's config."""
+def plan(overrides: list[str], check: bool = True, lenient_models: bool = False,
+         cfg: Any = None) -> VerlPlan:
+    """The command to run, after composing (and, with `check`, validating) verl's config.
+
+    `cfg` is the config already composed from `overrides`, if the caller has it.
+    """
     from omegaconf import OmegaConf
 
-    cfg = compose_config(overrides)
+    cfg = compose_config(overrides) if cfg is None else cfg
     notes = validate(cfg, lenient_models) if check else []
     command = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
     return VerlPlan(command=command, overrides=overrides,
                     config=OmegaConf.to_container(cfg, resolve=False), validated=check, notes=notes)
 
 
-def run(command: list[str], cwd: Path | None = None) -> int:
-    """Run verl with its log on our stdout/stderr; returns its exit code."""
+TIMEOUT_EXIT = 124  # as coreutils' `timeout` reports a command it had to stop
+STOP_GRACE_S = 10.0
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop verl and everything in its session (Ray's processes included): TERM, then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(command: list[str], cwd: Path | None = None, env: Mapping[str, str] | None = None,
+        watch: Callable[[float], str | None] | None = None, timeout_s: float | None = None,
+        poll_s: float = 2.0) -> int:
+    """Run verl with its log on our stdout/stderr; returns its exit code.
+
+    verl runs in a new process session. Every `poll_s`, `watch(now)` may return a failure
+    message: verl's session is stopped and the message raised as a UserError. After
+    `timeout_s` the session is stopped and TIMEOUT_EXIT returned.
+    """
+    proc = subprocess.Popen(command, cwd=cwd, env=None if env is None else dict(env),
+                            start_new_session=True)
+    started = time.monotonic()
     try:
-        return subprocess.run(command, cwd=cwd, check=False).returncode
+        while True:
+            try:
+                return proc.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            problem = watch(now) if watch else None
+            if problem:
+                _stop(proc)
+                raise UserError(problem)
+            if timeout_s is not None and now - started > timeout_s:
+                _stop(proc)
+                return TIMEOUT_EXIT
     except KeyboardInterrupt:
+        _stop(proc)
         return 130
