@@ -172,10 +172,10 @@ def test_grpo_two_steps_on_cpu_train_our_reward_and_convert(job, tmp_path):
     assert result.code == 0, result.output
 
     entries = Manifest(job["manifest"]).entries()
-    rl = [e for e in entries if e["command"] == "rl grpo"]
-    assert len(rl) == 1 and rl[0]["params"]["device"] == "cpu"
-    assert rl[0]["outputs"][0]["path"] == "rl-grpo"
-    assert [e["command"] for e in entries][-2:] == ["convert-ckpt", "predict"]
+    rl = [e for e in entries if e.command == "rl grpo"]
+    assert len(rl) == 1 and rl[0].params["device"] == "cpu"
+    assert rl[0].outputs[0].path == "rl-grpo"
+    assert [e.command for e in entries][-2:] == ["convert-ckpt", "predict"]
 
 
 @needs_runtime
