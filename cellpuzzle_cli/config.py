@@ -132,14 +132,25 @@ def shipped_config(name: str) -> Path:
     return CONFIG_DIR / name
 
 
-def unknown_key(key: str, valid: list[str], where: str) -> UserError:
+def unknown_key(key: str, valid: list[str], where: str, prefix: str = "") -> UserError:
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return UserError(f"Unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(valid)}.")
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    names = ", ".join(prefix + v for v in valid)
+    return UserError(f"Unknown config key '{prefix}{key}' in {where}.{hint} Valid keys: {names}.")
+
+
+_TYPE_NAMES = {int: "whole number", float: "number", str: "text", bool: "true or false",
+               Path: "path"}
 
 
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", str(annotation))
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _article(name: str) -> str:
+    return name if name.startswith("true") else ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -184,7 +195,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         return [v if inner is Any else coerce(v, inner, key) for v in value]
     if annotation is Any:
         return value
-    raise UserError(f"'{key}' must be a {_type_name(annotation)}, got {value!r}.")
+    raise UserError(f"'{key}' must be {_article(_type_name(annotation))}, got {value!r}.")
 
 
 def fields_of(cls: type) -> dict[str, Any]:
@@ -196,19 +207,25 @@ def fields_of(cls: type) -> dict[str, Any]:
 def build_config(cls: type[T], file: Path | str | None = None,
                  overrides: dict[str, Any] | None = None, default_file: str | None = None) -> T:
     """Instance of dataclass `cls` from defaults < YAML file (or shipped default) < overrides."""
-    hints = fields_of(cls)
     layers: list[tuple[str, dict[str, Any]]] = []
     if file is None and default_file is not None:
         file = shipped_config(default_file)
     if file is not None:
         layers.append((str(file), load_yaml(file)))
     layers.append(("the command-line overrides", overrides or {}))
+    return from_layers(cls, layers)
+
+
+def from_layers(cls: type[T], layers: list[tuple[str, dict[str, Any]]], prefix: str = "") -> T:
+    """Instance of dataclass `cls` from named layers of values, later layers winning; `prefix`
+    is how the keys are spelled to the user (e.g. `cellpuzzle.` for rl's own section)."""
+    hints = fields_of(cls)
     values: dict[str, Any] = {}
     for where, layer in layers:
         for key, value in layer.items():
             if key not in hints:
-                raise unknown_key(key, sorted(hints), where)
-            values[key] = coerce(value, hints[key], key)
+                raise unknown_key(key, sorted(hints), where, prefix)
+            values[key] = coerce(value, hints[key], prefix + key)
     return check_settings(cls(**values))
 
 

@@ -209,6 +209,13 @@ def test_output_name_longer_than_the_file_system_allows(pipeline, tmp_path, comm
      "'top_p' must be greater than 0 and at most 1"),
     (["predict", "--backend", "baseline", "--data", "{test}", "--seed", "-3"], "'seed' must be"),
     (["predict", "--backend", "baseline", "--data", "{test}", "dtype=float8"], "one of auto"),
+    (["rl", "grpo", "--dry-run", "trainer.total_training_steps=-3"],
+     "'trainer.total_training_steps' must be at least 1"),
+    (["rl", "grpo", "--dry-run", "trainer.total_training_steps=abc"],
+     "'trainer.total_training_steps' must be a whole number"),
+    (["rl", "grpo", "--dry-run", "cellpuzzle.seed=ten"], "'cellpuzzle.seed' must be a whole number"),
+    (["rl", "grpo", "--dry-run", "--seed", "-1"], "'seed' must be between 0 and"),
+    (["rl", "grpo", "--dry-run", "actor_rollout_ref.actor.optim.lr=-1"], "greater than 0"),
 ])
 def test_bad_values_are_refused_before_any_work(pipeline, tmp_path, args, fragment):
     args = [str(a).format(**pipeline) for a in args]

@@ -26,9 +26,13 @@ def _args(inputs):
     return ["--backend", "trl", "--data", inputs["train"], "--model", inputs["model"]]
 
 
-def test_trl_grpo_trains_and_logs_our_reward(cli, inputs, tmp_path):
-    from cellpuzzle_cli.reward import compute_score
+def _rows(path):
+    import pyarrow.parquet as pq
 
+    return pq.read_table(path).to_pylist()
+
+
+def test_trl_grpo_trains_and_logs_our_reward(cli, inputs, tmp_path):
     out = tmp_path / "rl"
     result = cli("rl", "grpo", *_args(inputs), *SMALL, "-o", out)
     assert result.code == 0, result.output
@@ -38,19 +42,29 @@ def test_trl_grpo_trains_and_logs_our_reward(cli, inputs, tmp_path):
 
     records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 2 * 2  # steps x prompts x answers per prompt
-    for r in records:  # the reward TRL optimised is exactly what verl's entry point computes
-        assert r["reward"] == compute_score("cellpuzzle", r["completion"], r["ground_truth"])
-    logged = [h for h in json.loads((out / "log_history.json").read_text()) if "reward" in h]
+    gold = {row["reward_model"]["ground_truth"] for row in _rows(inputs["train"])}
+    assert {r["ground_truth"] for r in records} <= gold  # TRL passed our column, row by row
+    # An untrained model never answers in the layout: every reward is -1, GRPO learns nothing,
+    # and the run says so loudly instead of pretending it trained.
+    assert {r["reward"] for r in records} == {-1.0}
+    assert "rl: warning" in result.output
+    assert "identical in all 2 round(s)" in " ".join(result.output.split())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in logged if "reward_mean" in row]
     assert len(logged) == 2
-    for call, entry in enumerate(logged):
+    for call, row in enumerate(logged):
         rewards = [r["reward"] for r in records if r["call"] == call]
-        assert entry["reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+        assert row["reward_mean"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+        assert row["legitimate_share"] == sum(r > -1 for r in rewards) / len(rewards)
+        assert {"loss", "learning_rate", "response_length", "kl"} <= set(row)
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "train_runtime" in json.loads((out / "timings.json").read_text())
 
-    config = json.loads((out / "rl_config.json").read_text())
-    assert config["grpo_config"]["num_generations"] == 2
-    assert config["grpo_config"]["use_cpu"] is True and config["grpo_config"]["bf16"] is False
+    saved = (out / "rl-grpo.yaml").read_text()
+    assert "actor_rollout_ref.rollout.n: 2" in saved and "backend: trl" in saved
     entry = json.loads(cli.manifest.read_text())["entries"][-1]
     assert entry["command"] == "rl grpo" and entry["outputs"][0]["name"] == "model"
+    assert entry["summary"]["reward_health"]["rounds"] == 2
 
     from transformers import AutoModelForCausalLM
 
@@ -84,3 +98,10 @@ def test_trl_refuses_existing_output(cli, inputs, tmp_path):
     (out / "x").write_text("keep me")
     assert_exit2(cli("rl", "grpo", *_args(inputs), *SMALL, "-o", out), "--overwrite")
     assert (out / "x").read_text() == "keep me"
+
+
+def test_flat_rewards_fail_the_run_when_asked(cli, inputs, tmp_path):
+    out = tmp_path / "rl"
+    result = cli("rl", "grpo", *_args(inputs), *SMALL, "-o", out, "--fail-on-flat-reward")
+    assert_exit2(result, "identical in all 2 round(s)", "Nothing was written")
+    assert not out.exists()

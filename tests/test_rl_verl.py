@@ -32,14 +32,12 @@ def _compose(result_overrides):
 
 
 def _dry(algorithm, inputs, *extra, **kw):
+    from cellpuzzle_cli.manifest import Manifest
     from cellpuzzle_cli.rl import RLRequest, run_rl
-
-    def lookup(what):
-        raise AssertionError(f"unexpected manifest lookup for {what}")
 
     req = RLRequest(algorithm=algorithm, dry_run=True, train=inputs["train"], val=inputs["val"],
                     model=inputs["model"], **kw)
-    return run_rl(req, lookup)
+    return run_rl(req, Manifest(inputs["train"].parent / "unused.json"))
 
 
 def test_grpo_dry_run_composes_cello1_settings(cli, inputs, tmp_path):
@@ -250,8 +248,9 @@ def test_nested_yaml_config_file_with_a_typo(cli, inputs, tmp_path):
                       "    log_prob_micro_batch_size_per_gpu: 1\n"
                       "  actor:\n    ppo_micro_batch_size_per_gpu: 1\n"
                       "  ref:\n    log_prob_micro_batch_size_per_gpu: 1\n")
+    from cellpuzzle_cli.manifest import Manifest
     from cellpuzzle_cli.rl import RLRequest, run_rl
 
     req = RLRequest("grpo", config_file=config, dry_run=True, train=inputs["train"],
                     val=inputs["val"], model=inputs["model"])
-    assert "actor_rollout_ref.rollout.n=4" in run_rl(req, lambda what: None).overrides
+    assert "actor_rollout_ref.rollout.n=4" in run_rl(req, Manifest(tmp_path / "m.json")).overrides

@@ -11,16 +11,17 @@ import typer
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
     OptionalOutputDir,
+    OptionalSeed,
     Overrides,
     Overwrite,
     console,
     err_console,
-    input_or_latest,
+    manifest,
     progress_bar,
-    record,
+    record_run,
+    say,
     start,
 )
-from cellpuzzle_cli.manifest import Artifact, Kind
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -48,7 +49,12 @@ Data = Annotated[Path | None, typer.Option(
 ValData = Annotated[Path | None, typer.Option(
     "--val-data", help="Validation Parquet. Default: the latest to-parquet 'val'.", show_default=False)]
 Model = Annotated[Path | None, typer.Option(
-    "--model", help="Hugging Face model folder. Default: the latest merge-lora or init-model output.",
+    "--model", help="Hugging Face model folder. Default: the newest model in the manifest "
+                    "(merge-lora, sft, init-model, convert-ckpt or rl).", show_default=False)]
+FailOnFlat = Annotated[bool | None, typer.Option(
+    "--fail-on-flat-reward/--no-fail-on-flat-reward",
+    help="TRL: exit 2 (writing nothing) when no group's rewards ever differed, i.e. GRPO left "
+         "the model unchanged. Default: a loud warning (cellpuzzle.fail_on_flat_reward).",
     show_default=False)]
 
 
@@ -82,60 +88,62 @@ def rl_command(
     val_data: ValData = None,
     model: Model = None,
     output: OptionalOutputDir = None,
+    seed: OptionalSeed = None,
+    fail_on_flat_reward: FailOnFlat = None,
     overwrite: Overwrite = False,
 ) -> None:
     """`rl grpo` and `rl ppo` (the algorithm is the subcommand's name)."""
     from cellpuzzle_cli.config import parse_overrides
-
-    algorithm = ctx.command.name
     from cellpuzzle_cli.rl import RLRequest, run_rl
 
     started = start(ctx)
-    sources = {"train": (Kind.RL_TRAIN, "training Parquet"),
-               "val": (Kind.RL_VAL, "validation Parquet"),
-               "model": (Kind.MODEL, "model")}
-
-    def lookup(what: str) -> Path:
-        kind, label = sources[what]
-        return input_or_latest(ctx, None, kind, label)
-
-    request = RLRequest(algorithm=algorithm, config_file=config,
+    request = RLRequest(algorithm=ctx.command.name, config_file=config,
                         overrides=parse_overrides(overrides), backend=backend, device=device,
-                        dry_run=dry_run,
-                        ray_address=ray_address, nnodes=nnodes, gpus_per_node=gpus_per_node,
-                        train=data, val=val_data, model=model, output=output, overwrite=overwrite)
-    with progress_bar(f"rl {algorithm}") as update:
-        result = run_rl(request, lookup, progress=update)
-    for note in result.notes:
-        err_console.print(f"[yellow]note:[/yellow] {note}")
+                        dry_run=dry_run, ray_address=ray_address, nnodes=nnodes,
+                        gpus_per_node=gpus_per_node, train=data, val=val_data, model=model,
+                        output=output, overwrite=overwrite, seed=seed,
+                        fail_on_flat_reward=fail_on_flat_reward)
+    with progress_bar(f"rl {request.algorithm}") as update:
+        result = run_rl(request, manifest(ctx), progress=update)
+    say(*result.notes)
     if result.dry_run:
-        if result.command:
-            console.print("[green]verl accepted the config.[/green] Command:")
-            console.print(shlex.join(result.command), soft_wrap=True,
-                          highlight=False, markup=False)
-        else:
-            console.print("[green]TRL GRPOConfig[/green] (from the verl keys):")
-            for key, value in (result.grpo_args or {}).items():
-                console.print(f"  {key} = {value!r}", highlight=False, markup=False)
-        return
-    params = {"algorithm": algorithm, "backend": result.backend, "device": device, "config": config,
-              "overrides": result.overrides}
-    inputs = [Artifact(p, n) for n, p in result.inputs.items()]
-    if result.backend == "trl":
-        rewards = ", ".join(f"{r:.3f}" for r in result.rewards)
-        console.print(f"[green]GRPO (TRL)[/green] {result.steps} step(s); reward per logged step: "
-                      f"{rewards or 'none logged'}; model -> {result.output}")
-        record(ctx, f"rl {algorithm}", params, started, inputs, [Artifact(result.output, "model")])
+        _print_dry_run(result)
         return
     if result.exit_code != 0:
         err_console.print(f"[red]verl exited with code {result.exit_code}[/red]; see its log above.")
         raise typer.Exit(result.exit_code)
-    if result.reward_calls is not None:
-        console.print(f"Reward canary: verl called cellpuzzle's reward ({result.reward_calls} "
-                      "call(s) logged).")
-    console.print(f"[green]verl finished.[/green] Checkpoints in {result.output}; convert one with "
-                  f"`cellpuzzle convert-ckpt {result.output}`.")
-    record(ctx, f"rl {algorithm}", params, started, inputs, [Artifact(result.output, "checkpoints")])
+    _print_result(result)
+    record_run(ctx, f"rl {request.algorithm}", result.record, started)
+
+
+def _print_dry_run(result) -> None:
+    if result.command:
+        console.print("[green]verl accepted the config.[/green] Command:")
+        console.print(shlex.join(result.command), soft_wrap=True, highlight=False, markup=False)
+    else:
+        console.print("[green]TRL GRPOConfig[/green] (from the verl keys):")
+        for key, value in (result.grpo_args or {}).items():
+            console.print(f"  {key} = {value!r}", highlight=False, markup=False)
+
+
+def _print_result(result) -> None:
+    from rich.markup import escape
+    from rich.panel import Panel
+
+    if result.backend == "trl":
+        rewards = ", ".join(f"{r:.3f}" for r in result.rewards)
+        console.print(f"[green]GRPO (TRL)[/green] {result.steps} step(s); reward per logged step: "
+                      f"{rewards or 'none logged'}; model -> {result.output} (curves: "
+                      f"{result.output}/curves.png, metrics.jsonl)")
+    else:
+        if result.reward_calls is not None:
+            console.print(f"Reward canary: verl called cellpuzzle's reward "
+                          f"({result.reward_calls} call(s) logged).")
+        console.print(f"[green]verl finished.[/green] Checkpoints in {result.output}; convert one "
+                      f"with `cellpuzzle convert-ckpt {result.output}`.")
+    for warning in result.warnings:
+        err_console.print(Panel(escape(warning), title="rl: warning",
+                                title_align="left", border_style="yellow", expand=False))
 
 
 app.command("grpo", help=GRPO_HELP)(rl_command)

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cellpuzzle_cli.config import check_settings
 from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.manifest import Kind
 from cellpuzzle_cli.rl import settings as S
 
 if TYPE_CHECKING:
+    from cellpuzzle_cli.manifest import Manifest, RunRecord
     from cellpuzzle_cli.rl.preflight import RewardCanary
 
-Lookup = Callable[[str], "Path | None"]
 PLACEHOLDER = "MISSING-{what}"
 
 
@@ -39,6 +41,8 @@ class RLRequest:
     model: Path | None = None
     output: Path | None = None
     overwrite: bool = False
+    seed: int | None = None
+    fail_on_flat_reward: bool | None = None
 
 
 @dataclass
@@ -56,6 +60,9 @@ class RLResult:
     steps: int = 0
     rewards: list[float] = field(default_factory=list)
     reward_calls: int | None = None  # verl: calls of our reward logged by the canary
+    warnings: list[str] = field(default_factory=list)  # e.g. no reward spread: nothing learnt
+    summary: dict[str, Any] = field(default_factory=dict)
+    record: RunRecord | None = None  # the manifest entry of a finished run
 
 
 def _apply_flags(req: RLRequest, st: S.RLSettings) -> None:
@@ -69,13 +76,24 @@ def _apply_flags(req: RLRequest, st: S.RLSettings) -> None:
         st.ours.device = req.device
     if req.ray_address:
         st.ours.ray_address = req.ray_address
+    if req.seed is not None:
+        st.ours.seed = req.seed
+    if req.fail_on_flat_reward is not None:
+        st.ours.fail_on_flat_reward = req.fail_on_flat_reward
+    check_settings(st.ours)
     if req.nnodes is not None:
         st.verl[S.NNODES_KEY] = req.nnodes
     if req.gpus_per_node is not None:
         st.verl[S.GPUS_KEY] = req.gpus_per_node
 
 
-def _fill_inputs(req: RLRequest, st: S.RLSettings, lookup: Lookup, notes: list[str]) -> dict[str, Path]:
+# What each input is in the manifest, and what it is called in messages.
+_SOURCES = {"train": (Kind.RL_TRAIN, "training Parquet"), "val": (Kind.RL_VAL, "validation Parquet"),
+            "model": (Kind.MODEL, "model")}
+
+
+def _fill_inputs(req: RLRequest, st: S.RLSettings, manifest: Manifest,
+                 notes: list[str]) -> dict[str, Path]:
     """Data and model from flags, else the config, else the manifest (placeholders in a dry run)."""
     used: dict[str, Path] = {}
     wanted = [("train", S.TRAIN_KEY, req.train), ("model", S.MODEL_KEY, req.model)]
@@ -86,8 +104,11 @@ def _fill_inputs(req: RLRequest, st: S.RLSettings, lookup: Lookup, notes: list[s
             st.verl[key] = str(Path(given).resolve())
         if st.has(key):
             continue
+        kind, label = _SOURCES[what]
         try:
-            found = lookup(what)
+            resolved = manifest.input_or_latest(None, kind, label)
+            found = resolved.path
+            notes.append(resolved.note(label))
         except UserError:
             if what == "val" and S.TRAIN_KEY in st.verl:
                 st.verl[key] = st.verl[S.TRAIN_KEY]
@@ -117,7 +138,8 @@ def _check_files(st: S.RLSettings, keys: list[str]) -> None:
                                 "or the manifest entry it came from.")
 
 
-def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None = None) -> RLResult:
+def run_rl(req: RLRequest, manifest: Manifest,
+           progress: Callable[..., None] | None = None) -> RLResult:
     """Resolve the config, then dry-run (compose + validate) or train with the chosen backend."""
     st = S.load_settings(req.algorithm, req.config_file, req.overrides)
     _apply_flags(req, st)
@@ -137,13 +159,29 @@ def run_rl(req: RLRequest, lookup: Lookup, progress: Callable[..., None] | None 
         st.verl[S.RAY_ADDRESS_KEY] = st.ours.ray_address
     output = Path(req.output or f"rl-{req.algorithm}")
     notes: list[str] = []
-    inputs = _fill_inputs(req, st, lookup, notes)
+    inputs = _fill_inputs(req, st, manifest, notes)
     for key, value in S.REWARD_DEFAULTS.items():
         S.set_default(st, key, value)
     if backend == "verl":
         S.set_default(st, S.OUTPUT_KEY, str(output.resolve()))
-        return _run_verl(req, st, output, inputs, notes)
-    return _run_trl(req, st, output, inputs, notes, progress)
+        result = _run_verl(req, st, output, inputs, notes)
+    else:
+        result = _run_trl(req, st, output, inputs, notes, progress)
+    if not req.dry_run and result.exit_code == 0:
+        result.record = _record(req, st, result)
+    return result
+
+
+def _record(req: RLRequest, st: S.RLSettings, result: RLResult) -> RunRecord:
+    """The finished run as a manifest entry: a model folder (TRL) or verl's checkpoints."""
+    from cellpuzzle_cli.manifest import Artifact, RunRecord
+
+    params = {"algorithm": req.algorithm, "backend": result.backend, "device": st.ours.device,
+              "config": req.config_file, "overrides": result.overrides}
+    name = "model" if result.backend == "trl" else "checkpoints"
+    extra = {"summary": result.summary} if result.summary else {}
+    return RunRecord(params, [Artifact(p, n) for n, p in result.inputs.items()],
+                     [Artifact(result.output, name)], extra)
 
 
 def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
@@ -190,7 +228,7 @@ def _checked_plan(req: RLRequest, st: S.RLSettings, notes: list[str]) -> Any:
 def _launch(req: RLRequest, st: S.RLSettings, output: Path, vplan: Any,
             canary: RewardCanary | None) -> int:
     """Run verl in its own session, watched by the canary; returns verl's exit code."""
-    from cellpuzzle_cli.io import write_json
+    from cellpuzzle_cli.config import save_settings
     from cellpuzzle_cli.rl import verl_backend
 
     cpu = st.ours.device == "cpu"
@@ -199,10 +237,7 @@ def _launch(req: RLRequest, st: S.RLSettings, output: Path, vplan: Any,
 
         cpu_mode.check_runtime_modules()
     _prepare_output(output, req.overwrite)
-    write_json(output / "rl_config.json", {
-        "algorithm": req.algorithm, "backend": "verl", "config_file": st.source,
-        "verl_keys": st.verl, "cellpuzzle": vars(st.ours), "command": vplan.command,
-        "resolved": vplan.config})
+    save_settings(output, f"rl {req.algorithm}", S.saved_settings(st))
     env = dict(os.environ)
     if canary:
         canary.reset()
@@ -311,6 +346,9 @@ def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, P
     _check_files(st, [S.TRAIN_KEY, S.MODEL_KEY])
     trained = trl_backend.run_grpo(st, tplan, output, overwrite=req.overwrite, progress=progress)
     result.steps, result.rewards = trained.steps, trained.rewards
+    result.summary = {"steps": trained.steps, "reward_health": trained.health.summary()}
+    if warning := trained.health.warning():
+        result.warnings.append(warning)
     if trained.dropped_prompts:
         result.notes.append(f"{trained.dropped_prompts} prompt(s) longer than "
                             "data.max_prompt_length were dropped.")

@@ -8,14 +8,22 @@ only refuse the legacy reward keys that verl 0.9.1 accepts but never reads.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from cellpuzzle_cli.config import load_yaml, shipped_config
+from cellpuzzle_cli.config import (
+    Check,
+    Count,
+    Rate,
+    Seed,
+    coerce,
+    from_layers,
+    load_yaml,
+    one_of,
+    shipped_config,
+)
 from cellpuzzle_cli.errors import UserError
 
 ALGORITHMS = ("grpo", "ppo")
@@ -46,14 +54,34 @@ _LEGACY = {
 class Ours:
     """The `cellpuzzle:` section: what verl has no key for."""
 
-    backend: str = "verl"
-    device: str = "auto"  # auto: verl on the cluster's GPUs; cpu: verl's trainer on this CPU
+    backend: Annotated[str, one_of(*BACKENDS)] = "verl"
+    device: Annotated[str, one_of(*DEVICES)] = "auto"  # cpu: verl's trainer on this CPU
     ray_address: str | None = None
-    ray_connect_timeout_s: float = 5.0
+    ray_connect_timeout_s: Rate = 5.0
     reward_canary: bool = True  # stop a verl run whose first step did not call our reward
-    run_timeout_s: float | None = None  # kill a verl run (and its Ray) after this long
-    seed: int = 0
-    logging_steps: int = 1
+    run_timeout_s: Rate | None = None  # kill a verl run (and its Ray) after this long
+    seed: Seed = 0
+    logging_steps: Count = 1
+    fail_on_flat_reward: bool = False  # TRL: exit 2 when no group's rewards ever differed
+
+
+# verl keys whose values cellpuzzle reads itself (batch arithmetic, the TRL plan): checked here,
+# so `total_training_steps=-3` fails at once instead of training for an unbounded time.
+CHECKED_KEYS: dict[str, Any] = {
+    "trainer.total_training_steps": Count | None,
+    "trainer.total_epochs": Count,
+    "trainer.nnodes": Count,
+    "trainer.n_gpus_per_node": Count,
+    "data.train_batch_size": Count,
+    "data.max_prompt_length": Count,
+    "data.max_response_length": Count,
+    "actor_rollout_ref.rollout.n": Count,
+    "actor_rollout_ref.rollout.temperature": Annotated[float, Check(0)],
+    "actor_rollout_ref.actor.ppo_mini_batch_size": Count,
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": Count,
+    "actor_rollout_ref.actor.ppo_epochs": Count,
+    "actor_rollout_ref.actor.optim.lr": Rate,
+}
 
 
 @dataclass
@@ -103,17 +131,6 @@ def check_legacy(key: str) -> None:
                 "reward.reward_manager.name to its own reward).")
 
 
-def _ours(values: dict[str, Any], where: str) -> dict[str, Any]:
-    valid = {f.name: f for f in dataclasses.fields(Ours)}
-    for key in values:
-        if key not in valid:
-            close = difflib.get_close_matches(key, list(valid), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"Unknown key '{OURS}.{key}' in {where}.{hint} The {OURS} section "
-                            f"takes: {', '.join(valid)}.")
-    return values
-
-
 def load_settings(algorithm: str, file: Path | None, overrides: dict[str, Any]) -> RLSettings:
     """Shipped or given YAML, then `key=value` overrides (verl keys, or `cellpuzzle.KEY`)."""
     if algorithm not in ALGORITHMS:
@@ -123,21 +140,30 @@ def load_settings(algorithm: str, file: Path | None, overrides: dict[str, Any]) 
     ours_raw = raw.pop(OURS, None) or {}
     if not isinstance(ours_raw, dict):
         raise UserError(f"The '{OURS}' section of {path} must be a mapping.")
-    ours_values = _ours(dict(ours_raw), str(path))
     verl = flatten(raw)
+    ours_overrides: dict[str, Any] = {}
     for key, value in overrides.items():
         if key.startswith(OURS + "."):
-            ours_values.update(_ours({key[len(OURS) + 1:]: value}, "the command-line overrides"))
+            ours_overrides[key[len(OURS) + 1:]] = value
         else:
             verl[key] = value
     for key in verl:
         check_legacy(key)
-    ours = Ours(**ours_values)
-    if ours.backend not in BACKENDS:
-        raise UserError(f"Unknown backend '{ours.backend}'. Use one of {', '.join(BACKENDS)}.")
-    if ours.device not in DEVICES:
-        raise UserError(f"Unknown device '{ours.device}'. Use one of {', '.join(DEVICES)}.")
+    for key, annotation in CHECKED_KEYS.items():
+        for spelling in (key, "+" + key, "++" + key):
+            if spelling in verl:
+                verl[spelling] = coerce(verl[spelling], annotation, key)
+    ours = from_layers(Ours, [(str(path), ours_raw),
+                              ("the command-line overrides", ours_overrides)], prefix=OURS + ".")
     return RLSettings(algorithm=algorithm, ours=ours, verl=verl, source=str(path))
+
+
+def saved_settings(settings: RLSettings) -> dict[str, Any]:
+    """What `rl` saves as rl-grpo.yaml / rl-ppo.yaml: our section and every verl key, as a file
+    `--config` reads back."""
+    from cellpuzzle_cli.config import settings_dict
+
+    return {OURS: settings_dict(settings.ours), **settings.verl}
 
 
 def set_default(settings: RLSettings, key: str, value: Any) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress
-from cellpuzzle_cli.rl.settings import MODEL_KEY, TRAIN_KEY, RLSettings
+from cellpuzzle_cli.rl.health import RewardHealth, reward_health
+from cellpuzzle_cli.rl.settings import MODEL_KEY, TRAIN_KEY, RLSettings, saved_settings
 
 # verl's actor.loss_agg_mode -> TRL's loss_type (same normalisation of the token losses).
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo",
@@ -40,6 +41,7 @@ class TrlResult:
     steps: int
     rewards: list[float]
     dropped_prompts: int
+    health: RewardHealth
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -183,7 +185,9 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from cellpuzzle_cli.io import atomic_output_dir, write_json, write_jsonl
+    from cellpuzzle_cli.config import save_settings
+    from cellpuzzle_cli.curves import write_curves
+    from cellpuzzle_cli.io import atomic_output_dir, write_jsonl
     from cellpuzzle_cli.reward import make_trl_reward
 
     model_dir = Path(tplan.model)
@@ -216,20 +220,36 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
         trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[recorder], args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               callbacks=[_Report()])
-        trainer.remove_callback(PrinterCallback)  # progress and log_history.json report instead
+        trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report instead
         trainer.train()
+        health = reward_health(recorder.records, tplan.grpo_args["num_generations"])
+        _refuse_no_op(health, settings.ours.fail_on_flat_reward)
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; rl_config.json has it all
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; rl-grpo.yaml has it all
         history = list(trainer.state.log_history)
-        write_json(tmp / "log_history.json", history)
+        write_curves(tmp, history, f"rl {settings.algorithm} (TRL)",
+                     extra=_per_step(history, health))
         write_jsonl(tmp / "completions.jsonl", recorder.records)
-        write_json(tmp / "rl_config.json", {
-            "algorithm": settings.algorithm, "backend": "trl", "config_file": settings.source,
-            "verl_keys": settings.verl, "cellpuzzle": vars(settings.ours),
-            "grpo_config": tplan.grpo_args, "dropped_long_prompts": dropped})
+        save_settings(tmp, f"rl {settings.algorithm}", saved_settings(settings))
     rewards = [h["reward"] for h in history if "reward" in h]
     return TrlResult(output=Path(output), steps=trainer.state.global_step, rewards=rewards,
-                     dropped_prompts=dropped, log_history=history)
+                     dropped_prompts=dropped, health=health, log_history=history)
+
+
+def _refuse_no_op(health: RewardHealth, fail_on_flat: bool) -> None:
+    """A run whose reward never ran is broken; a flat one only with `fail_on_flat_reward`."""
+    if health.never_called or (fail_on_flat and health.all_flat):
+        raise UserError(f"{health.warning()} Nothing was written"
+                        + (" (cellpuzzle.fail_on_flat_reward / --fail-on-flat-reward)."
+                           if fail_on_flat and not health.never_called else "."))
+
+
+def _per_step(history: list[dict[str, Any]], health: RewardHealth) -> dict[int, dict[str, Any]]:
+    """The share of legitimate answers of each reward round, on the step TRL logged it at."""
+    steps = [int(h["step"]) for h in history if "reward" in h]
+    if len(steps) != len(health.legitimate):  # rounds and logged steps do not pair up
+        return {}
+    return {step: {"legitimate_share": share} for step, share in zip(steps, health.legitimate)}
 
