@@ -39,6 +39,9 @@ class ConvertResult:
     dtypes: list[str]
     dropped_tied: list[str]
 
+    def summary(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "dropped_tied": self.dropped_tied}
+
 
 # -- locating the actor folder ---------------------------------------------------------------
 

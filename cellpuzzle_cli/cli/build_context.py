@@ -12,10 +12,9 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     Seed,
-    begin_step,
     console,
     err_console,
-    progress_bar,
+    run_step,
     start,
     step_settings,
 )
@@ -87,14 +86,13 @@ def build_context(
                              max_cells=max_cells, seed=seed, workers=workers,
                              context_config=context_config)
     files = [Artifact(path, "h5ad") for path in h5ad_inputs(inputs)]
-    step = begin_step(ctx, "build-context", {**settings_dict(settings), "inputs": inputs}, files,
-                      [Artifact(output, "cells")], output, overwrite)
-    if step is None:
-        return
-    with step.publishing(), progress_bar("build-context", unit="cells") as update:
-        result = run(inputs, output, settings, overwrite=overwrite, progress=update)
-    _print_summary(result)
-    step.record(started, {"summary": result.summary()})
+    result = run_step(
+        ctx, started, "build-context", params={**settings_dict(settings), "inputs": inputs},
+        inputs=files, outputs=[Artifact(output, "cells")], folder=output, overwrite=overwrite,
+        label="build-context", unit="cells",
+        work=lambda update: run(inputs, output, settings, overwrite=overwrite, progress=update))
+    if result is not None:
+        _print_summary(result)
 
 
 def _print_summary(result) -> None:

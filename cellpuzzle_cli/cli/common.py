@@ -18,6 +18,7 @@ from rich.console import Console
 from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord, Step
 
 T = TypeVar("T")
+R = TypeVar("R")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -103,6 +104,22 @@ def begin_step(ctx: typer.Context, command: str, params: dict[str, Any],
                       "with these inputs and settings; it is recorded in the manifest now.")
         return None
     return step
+
+
+def run_step(ctx: typer.Context, started: float, command: str, *, params: dict[str, Any],
+             inputs: list[Artifact], outputs: list[Artifact], folder: Path, overwrite: bool,
+             work: Callable[[Callable[..., None]], R], label: str, unit: str = "") -> R | None:
+    """One folder-writing step: nothing to do when `folder` already holds this very run (see
+    `begin_step`); else `work(progress)` runs with the run's stamp on what it publishes, and the
+    run is recorded with the result's `summary()` when it has one. None when skipped."""
+    step = begin_step(ctx, command, params, inputs, outputs, folder, overwrite)
+    if step is None:
+        return None
+    with step.publishing(), progress_bar(label, unit=unit) as update:
+        result = work(update)
+    summary = getattr(result, "summary", None)
+    step.record(started, {"summary": summary()} if callable(summary) else None)
+    return result
 
 
 def start(ctx: typer.Context) -> float:

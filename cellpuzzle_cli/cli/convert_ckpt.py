@@ -12,10 +12,9 @@ from cellpuzzle_cli.cli.common import (
     ConfigFile,
     OutputDir,
     Overwrite,
-    begin_step,
     console,
     input_or_latest,
-    progress_bar,
+    run_step,
     start,
     step_settings,
 )
@@ -45,18 +44,16 @@ def convert_ckpt(
     settings = step_settings(ctx, ConvertSettings, config, dtype=dtype)
     ckpt = input_or_latest(ctx, checkpoint, Kind.CHECKPOINTS, "checkpoint")
     actor = find_actor_dir(ckpt)
-    step = begin_step(ctx, "convert-ckpt", {"checkpoint": ckpt, "dtype": settings.dtype},
-                      [Artifact(actor, "checkpoint")], [Artifact(output, "model")], output,
-                      overwrite)
-    if step is None:
+    result = run_step(
+        ctx, started, "convert-ckpt", params={"checkpoint": ckpt, "dtype": settings.dtype},
+        inputs=[Artifact(actor, "checkpoint")], outputs=[Artifact(output, "model")],
+        folder=output, overwrite=overwrite, label="convert-ckpt",
+        work=lambda update: convert_checkpoint(ckpt, output, dtype=settings.dtype,
+                                               overwrite=overwrite, progress=update))
+    if result is None:
         return
-    with step.publishing(), progress_bar("convert-ckpt") as update:
-        result = convert_checkpoint(ckpt, output, dtype=settings.dtype, overwrite=overwrite,
-                                    progress=update)
     console.print(f"[green]Converted[/green] {result.actor_dir} ({result.world_size} rank(s)) -> "
                   f"{result.output}: {result.n_tensors} tensors, {result.n_parameters:,} parameters, "
                   f"dtype {', '.join(result.dtypes)}"
                   + (f"; tied copies dropped: {', '.join(result.dropped_tied)}"
                      if result.dropped_tied else ""))
-    step.record(started, {"summary": {"world_size": result.world_size,
-                                      "dropped_tied": result.dropped_tied}})

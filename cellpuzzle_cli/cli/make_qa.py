@@ -12,10 +12,9 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     Seed,
-    begin_step,
     console,
     input_or_latest,
-    progress_bar,
+    run_step,
     start,
     step_settings,
 )
@@ -68,15 +67,14 @@ def make_qa(
                              seed=seed, sort_candidates=sort_candidates,
                              ignore_batch=ignore_batch, test_cells=test_cells)
     cells_path = input_or_latest(ctx, cells, Kind.CELLS, "cells folder")
-    step = begin_step(ctx, "make-qa", {**settings_dict(settings), "cells": cells_path},
-                      [Artifact(cells_path, "cells")], [Artifact(output, "puzzles")], output,
-                      overwrite)
-    if step is None:
-        return
-    with step.publishing(), progress_bar("Sampling puzzles", unit="groups") as update:
-        result = make_puzzles(cells_path, output, settings, overwrite=overwrite, progress=update)
-    _print_summary(result)
-    step.record(started, {"summary": result.summary()})
+    result = run_step(
+        ctx, started, "make-qa", params={**settings_dict(settings), "cells": cells_path},
+        inputs=[Artifact(cells_path, "cells")], outputs=[Artifact(output, "puzzles")],
+        folder=output, overwrite=overwrite, label="Sampling puzzles", unit="groups",
+        work=lambda update: make_puzzles(cells_path, output, settings, overwrite=overwrite,
+                                         progress=update))
+    if result is not None:
+        _print_summary(result)
 
 
 def _print_summary(result) -> None:

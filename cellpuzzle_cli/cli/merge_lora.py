@@ -11,12 +11,11 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     TrustRemoteCode,
-    begin_step,
     console,
     input_or_latest,
     manifest,
-    progress_bar,
     quiet_libraries,
+    run_step,
     start,
 )
 from cellpuzzle_cli.manifest import Artifact, Kind
@@ -46,14 +45,14 @@ def merge_lora(
     started = start(ctx)
     adapter = input_or_latest(ctx, adapter, Kind.ADAPTER, "adapter")
     plan = plan_merge(manifest(ctx), adapter, base)
-    step = begin_step(ctx, "merge-lora", {"adapter": adapter, "base": plan.base}, plan.inputs,
-                      [Artifact(output, "model")], output, overwrite)
-    if step is None:
-        return
     quiet_libraries()
-    with step.publishing(), progress_bar("merge-lora") as update:
-        result = merge_adapter(adapter, output, plan.base, overwrite=overwrite,
-                               trust_remote_code=trust_remote_code, progress=update)
+    result = run_step(
+        ctx, started, "merge-lora", params={"adapter": adapter, "base": plan.base},
+        inputs=plan.inputs, outputs=[Artifact(output, "model")], folder=output,
+        overwrite=overwrite, label="merge-lora",
+        work=lambda update: merge_adapter(adapter, output, plan.base, overwrite=overwrite,
+                                          trust_remote_code=trust_remote_code, progress=update))
+    if result is None:
+        return
     console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
                   f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")
-    step.record(started)

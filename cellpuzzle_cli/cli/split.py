@@ -12,10 +12,9 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     Seed,
-    begin_step,
     console,
     input_or_latest,
-    progress_bar,
+    run_step,
     start,
     step_settings,
 )
@@ -65,15 +64,14 @@ def split(
                              system_prompt_file=system_prompt_file)
     puzzles_path = input_or_latest(ctx, puzzles, Kind.PUZZLES, "puzzles")
     outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / TEST_FILE, "test")]
-    step = begin_step(ctx, "split", {**settings_dict(settings), "puzzles": puzzles_path},
-                      [Artifact(puzzles_path, "puzzles")], outputs, output, overwrite)
-    if step is None:
-        return
-    with step.publishing(), progress_bar("Splitting puzzles") as update:
-        result = split_puzzles(puzzles_path, output, settings, overwrite=overwrite,
-                               progress=update)
-    _print_summary(result)
-    step.record(started, {"summary": result.summary()})
+    result = run_step(
+        ctx, started, "split", params={**settings_dict(settings), "puzzles": puzzles_path},
+        inputs=[Artifact(puzzles_path, "puzzles")], outputs=outputs, folder=output,
+        overwrite=overwrite, label="Splitting puzzles",
+        work=lambda update: split_puzzles(puzzles_path, output, settings, overwrite=overwrite,
+                                          progress=update))
+    if result is not None:
+        _print_summary(result)
 
 
 def _print_summary(result) -> None:

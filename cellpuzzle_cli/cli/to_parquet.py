@@ -12,9 +12,9 @@ from cellpuzzle_cli.cli.common import (
     OutputDir,
     Overwrite,
     Seed,
-    begin_step,
     console,
     input_or_latest,
+    run_step,
     start,
     step_settings,
 )
@@ -58,14 +58,13 @@ def to_parquet(
                              data_source=data_source)
     data = input_or_latest(ctx, one_input(train, data), Kind.TRAIN_PUZZLES, "training data")
     outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / VAL_FILE, "val")]
-    step = begin_step(ctx, "to-parquet", {**settings_dict(settings), "data": data},
-                      [Artifact(data, "train")], outputs, output, overwrite)
-    if step is None:
+    result = run_step(
+        ctx, started, "to-parquet", params={**settings_dict(settings), "data": data},
+        inputs=[Artifact(data, "train")], outputs=outputs, folder=output, overwrite=overwrite,
+        label="to-parquet", work=lambda _: run(data, output, settings, overwrite=overwrite))
+    if result is None:
         return
-    with step.publishing():
-        result = run(data, output, settings, overwrite=overwrite)
     groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
               else " (random puzzles held out)" if result.n_val else "")
     console.print(f"[bold green]RL data written to {result.out}[/bold green]: "
                   f"{result.n_train} train, {result.n_val} val puzzles{groups}")
-    step.record(started)
