@@ -34,6 +34,7 @@ from cellpuzzle_cli.splitting import holdout, read_training_records
 CONFIG_NAME = "sft-config.json"
 LOG_NAME = "train-log.json"
 RATIONALE_MODES = ("template", "none")
+FINETUNE_MODES = ("lora", "full")
 
 
 
@@ -41,6 +42,9 @@ RATIONALE_MODES = ("template", "none")
 class SftSettings:
     """Every key `configs/sft.yaml` and `key=value` overrides may set (Cell-o1's recipe by default)."""
 
+    # what is trained
+    finetune: str = "lora"  # lora: an adapter; full: every weight (for a from-scratch model)
+    completion_only_loss: bool = True  # false: loss on the prompt too (a from-scratch model)
     # adapter
     lora_r: int = 256
     lora_alpha: int | None = None  # None: 2 * lora_r
@@ -101,14 +105,20 @@ def sft_examples(records: Sequence[dict[str, Any]], targets: Sequence[str]) -> l
             for rec, target in zip(records, targets)]
 
 
+def check_settings(settings: SftSettings) -> None:
+    """Refuse unknown modes before any data or model is loaded."""
+    for key, allowed in (("rationale", RATIONALE_MODES), ("finetune", FINETUNE_MODES)):
+        if getattr(settings, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got "
+                            f"'{getattr(settings, key)}'.")
+
+
 def prepare_examples(records: Sequence[dict[str, Any]], settings: SftSettings
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """Train and eval examples with rationale targets fitted on the training part only."""
     from cellpuzzle_cli.rationale import build_targets
 
-    if settings.rationale not in RATIONALE_MODES:
-        raise UserError(f"rationale must be one of {', '.join(RATIONALE_MODES)}, got "
-                        f"'{settings.rationale}'.")
+    check_settings(settings)
     train, val = holdout(records, settings.eval_size, settings.seed)
     train_targets, counts = build_targets(train, settings.rationale, fit_on=train,
                                           k=settings.rationale_genes)
@@ -154,13 +164,29 @@ def load_tokenizer(source: str, trust_remote_code: bool):
     return tok
 
 
+def lora_config(settings: SftSettings):
+    """The PEFT adapter `finetune=lora` trains, or None for `finetune=full`."""
+    if settings.finetune == "full":
+        return None
+    from peft import LoraConfig
+
+    # copies: PEFT extends these lists in place, which would leak into the saved config
+    targets = settings.target_modules
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha or 2 * settings.lora_r,
+                      lora_dropout=settings.lora_dropout,
+                      target_modules=list(targets) if isinstance(targets, list) else targets,
+                      use_dora=settings.use_dora,
+                      modules_to_save=list(settings.modules_to_save or []) or None,
+                      ensure_weight_tying=bool(settings.modules_to_save), task_type="CAUSAL_LM")
+
+
 def make_trainer(source: str, train_examples: list[dict], eval_examples: list[dict],
                  settings: SftSettings, work_dir: Path, trust_remote_code: bool = False,
                  callbacks: Sequence[Any] = ()):
-    """An SFTTrainer with a fresh LoRA adapter; separate from training so tests can inspect it."""
+    """An SFTTrainer with a fresh LoRA adapter (or the whole model, `finetune=full`); separate
+    from training so tests can inspect it."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -175,14 +201,6 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load a causal language model from '{source}' ({exc}).") from exc
-    # copies: PEFT extends these lists in place, which would leak into the saved config
-    targets = settings.target_modules
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha or 2 * settings.lora_r,
-                      lora_dropout=settings.lora_dropout,
-                      target_modules=list(targets) if isinstance(targets, list) else targets,
-                      use_dora=settings.use_dora,
-                      modules_to_save=list(settings.modules_to_save or []) or None,
-                      ensure_weight_tying=bool(settings.modules_to_save), task_type="CAUSAL_LM")
     has_eval = bool(eval_examples)
     args = SFTConfig(
         output_dir=str(work_dir), seed=settings.seed, data_seed=settings.seed,
@@ -193,7 +211,8 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
         warmup_steps=settings.warmup_steps, lr_scheduler_type=settings.lr_scheduler_type,
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
         max_length=settings.max_length, gradient_checkpointing=settings.gradient_checkpointing,
-        bf16=bf16, fp16=False, completion_only_loss=True, assistant_only_loss=False,
+        bf16=bf16, fp16=False, completion_only_loss=settings.completion_only_loss,
+        assistant_only_loss=False,
         logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit, eval_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
@@ -202,7 +221,8 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_examples),
                              eval_dataset=Dataset.from_list(eval_examples) if has_eval else None,
-                             processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+                             processing_class=tokenizer, peft_config=lora_config(settings),
+                             callbacks=list(callbacks))
     except ValueError as exc:
         if "Target modules" in str(exc) or "target_modules" in str(exc):
             raise UserError(f"LoRA target_modules={settings.target_modules!r} match no layer of "
@@ -276,7 +296,8 @@ def _losses(log_history: list[dict[str, Any]]) -> tuple[float | None, float | No
 def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
             resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
             progress: Progress | None = None) -> SftResult:
-    """Train a LoRA adapter on `data` and write adapter, tokenizer and resolved config to `out`."""
+    """Train on `data`; write the adapter (or, `finetune=full`, the whole model), tokenizer and
+    resolved config to `out`."""
     out = Path(out)
     records = read_training_records(data)
     source = model_source(model)
@@ -296,7 +317,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
                 "n_train": len(train_ex), "n_eval": len(eval_ex)}
     with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
         trainer.model.save_pretrained(tmp)
-        sort_adapter_module_lists(tmp / "adapter_config.json")
+        if settings.finetune == "lora":
+            sort_adapter_module_lists(tmp / "adapter_config.json")
         trainer.processing_class.save_pretrained(tmp)
         write_json(tmp / CONFIG_NAME, resolved)
         write_json(tmp / LOG_NAME, trainer.state.log_history)

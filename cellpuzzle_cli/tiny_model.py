@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
 
@@ -43,12 +44,43 @@ class TinyModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 8192
+    whole_words: bool = True  # gene symbols and cell-type names of the puzzles as single tokens
     seed: int = 0
 
+    @classmethod
+    def sized(cls, hidden_size: int, layers: int, heads: int, **kwargs) -> TinyModelConfig:
+        """A config of this width and depth: MLP twice as wide, half as many key/value heads."""
+        if hidden_size < 1 or layers < 1 or heads < 1 or hidden_size % heads:
+            raise UserError(f"--hidden-size {hidden_size} must be a positive multiple of --heads "
+                            f"{heads}, and --layers ({layers}) at least 1.")
+        return cls(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                   num_hidden_layers=layers, num_attention_heads=heads,
+                   num_key_value_heads=max(1, heads // 2) if heads % 2 == 0 else heads, **kwargs)
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer (as Qwen uses) trained on the given texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+def puzzle_words(records: Iterable[dict]) -> list[str]:
+    """Every gene symbol and candidate cell-type name in the puzzles, longest first.
+
+    Added to the tokenizer as whole tokens, a cell type is one token the model can copy from
+    the candidate list, instead of BPE pieces it can glue into a name that is no candidate.
+    """
+    from cellpuzzle_cli.prompts import parse_question
+
+    words: set[str] = set()
+    for record in records:
+        cells, candidates = parse_question(str(record.get("user_msg") or ""))
+        words.update(g for genes in cells for g in genes)
+        words.update(candidates)
+    return sorted((w for w in words if w.strip()), key=lambda w: (-len(w), w))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, words: Iterable[str] = ()):
+    """A byte-level BPE tokenizer (as Qwen uses) trained on the given texts.
+
+    `words` become whole tokens (matched before BPE, decoded verbatim, so names with spaces,
+    '+' or '/' round-trip exactly); any other text still falls back to byte-level BPE.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -61,18 +93,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    unk_token=None, model_max_length=8192)
     fast.add_tokens(ANSWER_TAGS)
+    fast.add_tokens([AddedToken(w, normalized=False) for w in words if w not in ANSWER_TAGS])
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
 
 
-def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfig | None = None) -> int:
-    """Write a randomly initialised tiny model + tokenizer to `out_dir`; returns its parameter count."""
+def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfig | None = None,
+                     words: Iterable[str] = ()) -> int:
+    """Write a randomly initialised tiny model + tokenizer to `out_dir`; returns its parameter count.
+
+    `words` (see `puzzle_words`) become whole tokens when `config.whole_words` is set.
+    """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     cfg = config or TinyModelConfig()
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, words if cfg.whole_words else ())
     model_cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -98,12 +135,13 @@ class InitModelResult:
     n_texts: int
 
 
-def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = False,
-                    progress: Progress | None = None) -> InitModelResult:
+def init_tiny_model(data: Path, out: Path, config: TinyModelConfig | None = None,
+                    overwrite: bool = False, progress: Progress | None = None) -> InitModelResult:
     """A from-scratch tiny Qwen2 whose tokenizer is trained on the split's chat texts.
 
     The texts are the system, user and assistant messages of `data`; tiny_model adds the answer
-    tags and the chat template. The result is an ordinary model folder for `sft --model`.
+    tags, the puzzles' gene and cell-type names (`config.whole_words`) and the chat template.
+    The result is an ordinary model folder for `sft --model`.
     """
     import json
 
@@ -115,10 +153,10 @@ def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = Fals
     if progress:
         progress(0, total=1, description="init-model")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        config = TinyModelConfig(seed=seed)
-        params = build_tiny_model(tmp, texts, config)
+        config = config or TinyModelConfig()
+        params = build_tiny_model(tmp, texts, config, puzzle_words(records))
         write_json(tmp / "init-model.json", {"kind": "tiny", "data": str(Path(data).resolve()),
-                                             "seed": seed, **asdict(config)})
+                                             **asdict(config)})
         vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
     if progress:
         progress(1)

@@ -209,3 +209,53 @@ def test_interrupted_run_asks_for_resume(cli, train_file, tiny, tmp_path):
     assert_refused(result, "interrupted run", "--resume", "--overwrite")
     nothing = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "other", "--resume")
     assert_refused(nothing, "no checkpoint")
+
+
+# -- from-scratch options -------------------------------------------------------------------
+def test_loss_on_the_whole_sequence_labels_the_prompt_too(records, tiny, tmp_path):
+    from cellpuzzle_cli.sft import SftSettings, make_trainer, prepare_examples
+
+    settings = SftSettings(finetune="full", completion_only_loss=False, eval_size=0)
+    train, _, _ = prepare_examples(records[:4], settings)
+    trainer = make_trainer(str(tiny), train, [], settings, tmp_path / "work")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    for row in range(4):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        real = batch["attention_mask"][row].bool()
+        assert (labels[real] == ids[real]).all() and (labels[~real] == -100).all()
+
+
+def test_full_finetune_trains_every_weight_and_merge_lora_copies_it(cli, train_file, tiny,
+                                                                    tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "full"
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST, "max_steps=3",
+                 "learning_rate=1e-2", "finetune=full", "completion_only_loss=false")
+    assert result.code == 0, result.output
+    assert "Fine-tuned model written" in result.output
+    assert not (out / "adapter_config.json").exists()
+    base, tuned = load_file(tiny / "model.safetensors"), load_file(out / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    unchanged = [k for k in base if (base[k] == tuned[k]).all()]
+    assert not unchanged, unchanged
+    assert orjson.loads((out / "sft-config.json").read_bytes())["finetune"] == "full"
+
+    merged = tmp_path / "merged"
+    result = cli("merge-lora", out, "-o", merged)
+    assert result.code == 0, result.output
+    assert "nothing to merge" in " ".join(result.output.split())
+    assert (merged / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    again = cli("merge-lora", out, "-o", merged)
+    assert again.code == 0 and "up to date" in " ".join(again.output.split())
+
+    preds = tmp_path / "preds"
+    result = cli("predict", "--backend", "hf", "--model", merged, "--data", train_file, "-o", preds,
+                 "--max-new-tokens", "4", "--batch-size", "8")
+    assert result.code == 0, result.output
+    assert len(list(preds.glob("*.jsonl"))) == 1
+
+
+def test_unknown_finetune_mode_is_refused(cli, train_file, tiny, tmp_path):
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "a", "finetune=half")
+    assert_refused(result, "finetune must be one of lora, full")

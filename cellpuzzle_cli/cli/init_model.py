@@ -30,6 +30,17 @@ def init_model(
     data: Annotated[Path | None, typer.Option(
         "--data", help="Puzzles whose text trains the tokenizer. Default: the latest split's "
                        "train file in the manifest.")] = None,
+    hidden_size: Annotated[int, typer.Option(
+        "--hidden-size", help="Width of the model (the MLP is twice as wide).")] = 64,
+    layers: Annotated[int, typer.Option(
+        "--layers", help="Transformer layers (2 or more can copy from the prompt).")] = 2,
+    heads: Annotated[int, typer.Option(
+        "--heads", help="Attention heads (must divide --hidden-size; half as many key/value "
+                        "heads, as in Qwen2).")] = 4,
+    whole_words: Annotated[bool, typer.Option(
+        "--whole-words/--no-whole-words",
+        help="Keep every gene symbol and cell-type name of the puzzles as one token, so the "
+             "model copies whole candidate names; --no-whole-words: plain BPE.")] = True,
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
@@ -42,14 +53,17 @@ def init_model(
     if not tiny:
         raise UserError("init-model only builds tiny models so far: pass --tiny. To fine-tune a "
                         "real model, give its folder to `cellpuzzle sft --model`.")
-    from cellpuzzle_cli.tiny_model import init_tiny_model
+    from cellpuzzle_cli.tiny_model import TinyModelConfig, init_tiny_model
 
     started = start()
+    config = TinyModelConfig.sized(hidden_size, layers, heads, whole_words=whole_words, seed=seed)
     train = input_or_latest(ctx, data, "split", "training data (--data)", name="train")
     with progress_bar("init-model") as update:
-        result = init_tiny_model(train, output, seed=seed, overwrite=overwrite, progress=update)
+        result = init_tiny_model(train, output, config, overwrite=overwrite, progress=update)
     console.print(f"[bold green]Tiny model written to {result.out}[/bold green]: "
                   f"{result.parameters:,} parameters, vocabulary {result.vocab_size:,} "
                   f"(tokenizer trained on {result.n_texts:,} texts)")
-    record(ctx, "init-model", {"tiny": tiny, "data": train, "seed": seed}, started,
+    record(ctx, "init-model", {"tiny": tiny, "data": train, "hidden_size": hidden_size,
+                               "layers": layers, "heads": heads, "whole_words": whole_words,
+                               "seed": seed}, started,
            [Artifact(train, "train")], [Artifact(output, "model")])

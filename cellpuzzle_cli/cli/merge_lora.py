@@ -37,11 +37,13 @@ def merge_lora(
 ) -> None:
     """Merge a LoRA adapter into its base model: one plain Hugging Face model folder.
 
+    The output of `sft finetune=full` is already a whole model: it is copied unchanged.
+
     Running it again on unchanged inputs does nothing ("up to date").
 
     Example: cellpuzzle merge-lora adapter -o sft-model
     """
-    from cellpuzzle_cli.lora import merge_adapter, plan_merge
+    from cellpuzzle_cli.lora import copy_full_model, merge_adapter, plan_merge
 
     started = start()
     adapter = input_or_latest(ctx, adapter, "sft", "adapter", name="adapter")
@@ -52,9 +54,17 @@ def merge_lora(
         return
     quiet_libraries()
     with progress_bar("merge-lora") as update:
-        result = merge_adapter(adapter, output, plan.base, overwrite=overwrite,
-                               trust_remote_code=trust_remote_code, progress=update)
-    console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
-                  f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")
+        if plan.full_model:
+            result = copy_full_model(adapter, output, overwrite=overwrite, progress=update)
+        else:
+            result = merge_adapter(adapter, output, plan.base, overwrite=overwrite,
+                                   trust_remote_code=trust_remote_code, progress=update)
+    if plan.full_model:
+        console.print(f"[bold green]{adapter} is a full fine-tune (sft finetune=full): nothing "
+                      f"to merge, copied to {result.out}[/bold green]: {result.parameters:,} "
+                      f"parameters ({result.dtype})")
+    else:
+        console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
+                      f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")
     record(ctx, "merge-lora", {"adapter": adapter, "base": plan.base, "overwrite": overwrite},
            started, plan.inputs, [Artifact(output, "model")])

@@ -47,6 +47,9 @@ def sft(
     """Supervised fine-tuning with TRL + PEFT LoRA on the assistant turns only.
 
     Settings come from configs/sft.yaml (Cell-o1's recipe), --config, then key=value overrides.
+    For a from-scratch model (init-model --tiny): finetune=full trains every weight and
+    completion_only_loss=false puts the loss on the prompt too; merge-lora then copies the
+    model folder unchanged.
 
     Example: cellpuzzle sft --model tiny-model -o adapter max_steps=30 learning_rate=5e-3 lora_r=8
     """
@@ -69,7 +72,8 @@ def sft(
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    console.print(f"[bold green]Adapter written to {result.out}[/bold green]")
+    what = "Fine-tuned model" if settings.finetune == "full" else "Adapter"
+    console.print(f"[bold green]{what} written to {result.out}[/bold green]")
     console.print(f"  base model   {result.base_model}")
     console.print(f"  puzzles      {result.n_train} train, {result.n_eval} eval "
                   f"(targets: {result.rationale_counts})")
@@ -79,7 +83,8 @@ def sft(
     console.print(f"  train loss   {fmt(result.train_loss)} mean "
                   f"(first logged {fmt(result.first_loss)}, last {fmt(result.last_loss)})")
     console.print(f"  eval loss    {fmt(result.eval_loss)}")
-    console.print(f"  trainable    {result.trainable_params:,} adapter parameters")
+    console.print(f"  trainable    {result.trainable_params:,} "
+                  f"{'model' if settings.finetune == 'full' else 'adapter'} parameters")
     inputs = [Artifact(train, "train")]
     if Path(result.base_model).exists():
         inputs.insert(0, Artifact(Path(result.base_model), "base_model"))
