@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from train_fixtures import assert_refused, make_records, one_torch_thread, write_records
+from fixtures import assert_user_error, make_records, one_torch_thread, write_records
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,9 +44,9 @@ def test_tiny_model_from_the_manifest_split_feeds_sft(cli, tmp_path):
 
 def test_refusals(cli, tmp_path):
     train = write_records(tmp_path / "train.jsonl", make_records(4, seed=12))
-    assert_refused(cli("init-model", "-o", tmp_path / "m", "--data", train), "--tiny")
+    assert_user_error(cli("init-model", "-o", tmp_path / "m", "--data", train), "--tiny")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
-    assert_refused(cli("init-model", "--tiny", "-o", tmp_path / "busy", "--data", train),
+    assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "busy", "--data", train),
                    "already holds results")
-    assert_refused(cli("init-model", "--tiny", "-o", tmp_path / "m2"), "split")
+    assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m2"), "split")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import assert_user_error
-from predict_fixtures import build_varied_model, make_records, write_records
+from fixtures import assert_user_error, make_records, tiny_model_dir, write_records
 
 from cellpuzzle_cli.config import build_config
 from cellpuzzle_cli.io import iter_jsonl
@@ -22,15 +21,18 @@ from cellpuzzle_cli.predict import PredictConfig, PredictSettings, run_predict
 from cellpuzzle_cli.predict.shards import Shard, select_shard
 
 LONG = ("puzzle-004", "puzzle-009")
+# Many background genes, so prompts differ from puzzle to puzzle and LONG ones can be long.
+SHAPE = {"background": 300, "long_ids": LONG}
 GEN = ["--backend", "hf", "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     base = tmp_path_factory.mktemp("predict")
-    records = make_records(12, long_ids=LONG)
+    records = make_records(12, **SHAPE)
     data = write_records(base / "test.jsonl", records)
-    model = build_varied_model(base / "model", records + make_records(20, seed=1))
+    model = tiny_model_dir(base / "model", records + make_records(20, seed=1, **SHAPE),
+                           vocab_size=4096, varied=True)
     return {"records": records, "data": data, "model": model, "base": base}
 
 
