@@ -288,7 +288,7 @@ def test_score_reference_without_overlap(pipeline, tmp_path):
 
 def test_manifest_last_takes_positive_numbers(tmp_path):
     result = run_cli("manifest", "--last", "-2", manifest=tmp_path / "m.json")
-    assert result.code == 2 and "Traceback" not in result.output
+    assert_user_error(result, "--last", "greater than or equal to 0")
 
 
 # -- inputs that must work -----------------------------------------------------------------------

@@ -58,9 +58,7 @@ def test_trl_reward_reads_strings_and_chat_completions():
     out = trl_reward(prompts=["p"] * 4, completions=completions, completion_ids=[[1]] * 4,
                      ground_truth=[GOLD] * 4, n=[3] * 4)
     assert out == pytest.approx([1.0, 1 / 6, -1.0, -1.0])
-    assert trl_reward.__name__ == "cellpuzzle_cello1_reward"
     partial = make_trl_reward("partial")
-    assert partial.__name__ == "cellpuzzle_partial_reward"
     assert partial([tagged("NK cells | B cells | T cells")], ground_truth=[GOLD]) == pytest.approx([1 / 3])
     with pytest.raises(ValueError):
         make_trl_reward("bogus")

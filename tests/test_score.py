@@ -73,11 +73,17 @@ def test_metrics_and_json_keys(cli, tmp_path):
 
 
 def test_same_seed_same_report(cli, tmp_path):
-    preds = write_records(tmp_path / "preds.jsonl", four_predictions())
-    cli("score", preds, "--json", tmp_path / "a.json")
-    cli("score", preds, "--json", tmp_path / "b.json")
-    a, b = load(tmp_path / "a.json"), load(tmp_path / "b.json")
-    assert a["cell_accuracy_ci95"] == b["cell_accuracy_ci95"]
+    records = make_records(40, n_cells=(3, 6))  # sizes and scores varied enough to resample
+    texts = [answered(r["assistant_msg"]) if i % 3 else swapped(r["assistant_msg"])
+             for i, r in enumerate(records)]
+    preds = write_records(tmp_path / "preds.jsonl", prediction_lines(records, texts))
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        result = cli("score", preds, "--json", tmp_path / f"{name}.json", "--seed", seed)
+        assert result.code == 0, result.output
+    a, b, c = (load(tmp_path / f"{name}.json") for name in "abc")
+    assert a == b
+    # The interval is a real bootstrap (another seed moves it), so the equality above is earned.
+    assert a["cell_accuracy_ci95"] != c["cell_accuracy_ci95"]
 
 
 def test_cello1_compat_counts_extra_items_as_exact(cli, tmp_path):
@@ -128,9 +134,10 @@ def test_cello1_per_example_json_folder_and_json_arrays(cli, tmp_path):
 
 def test_duplicate_puzzle_names_both_files(cli, tmp_path):
     lines = four_predictions()
-    a = write_records(tmp_path / "a.jsonl", lines[:2])
-    b = write_records(tmp_path / "b.jsonl", lines[1:3])
-    assert_user_error(cli("score", a, b), lines[1]["puzzle_id"], "a.jsonl", "b.jsonl")
+    deep = tmp_path / ("a-folder-name-longer-than-a-line-" * 3)  # the panel folds the paths
+    a = write_records(deep / "a.jsonl", lines[:2])
+    b = write_records(deep / "b.jsonl", lines[1:3])
+    assert_user_error(cli("score", a, b), lines[1]["puzzle_id"], str(a), str(b))
 
 
 def test_reference_reports_missing_puzzles(cli, tmp_path):

@@ -59,7 +59,9 @@ def test_records_without_ids_get_stable_ids_from_their_prompt(tmp_path):
         del r["puzzle_id"]
     first = load_test_records(write_records(tmp_path / "a.jsonl", records))
     again = load_test_records(write_records(tmp_path / "b.jsonl", records[::-1]))
-    assert sorted(r["puzzle_id"] for r in first) == sorted(r["puzzle_id"] for r in again)
+    ids = {r["user_msg"]: r["puzzle_id"] for r in first}
+    assert ids == {r["user_msg"]: r["puzzle_id"] for r in again}  # each prompt keeps its id
+    assert len(set(ids.values())) == len(records)
 
 
 def test_resume_drops_a_torn_last_line_and_keeps_whole_ones(tmp_path):
