@@ -23,7 +23,7 @@ from cellpuzzle_cli.answer import format_answer
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
 
 
-# -- the CLI -----------------------------------------------------------------------------------
+# -- the CLI ---------------------------------------------------------------------------------------
 @dataclass
 class CliResult:
     code: int
@@ -83,7 +83,7 @@ def assert_user_error(result: CliResult, *fragments: str) -> None:
     assert_says(result, *fragments)
 
 
-# -- synthetic puzzles, made by the real writers -----------------------------------------------
+# -- synthetic puzzles, made by the real writers ---------------------------------------------------
 # Each type's planted markers, exclusive to it, so a model, MarkerStats or a template rationale
 # can learn the mapping; every other gene is background shared by all types.
 MARKERS: dict[str, tuple[str, ...]] = {
@@ -107,8 +107,8 @@ def background_genes(count: int) -> list[str]:
 def _cell_genes(rng: random.Random, markers: Sequence[str], planted: tuple[int, int],
                 background: Sequence[str], width: int) -> list[str]:
     """One cell's top genes: some of its type's markers among background genes, shuffled."""
-    genes = rng.sample(list(markers), rng.randint(*planted))
-    genes += rng.sample(list(background), width - len(genes))
+    genes = rng.sample(markers, rng.randint(*planted))
+    genes += rng.sample(background, width - len(genes))
     rng.shuffle(genes)
     return genes
 
@@ -177,7 +177,7 @@ def make_rl_data(folder: Path, n_train: int = 4, n_val: int = 2, seed: int = 0
     return paths[0], paths[1]
 
 
-# -- cell tables, as build-context writes them ----------------------------------------------------
+# -- cell tables, as build-context writes them -----------------------------------------------------
 TABLE_TYPES = ["B cell", "CD14+ Monocyte", "CD4+/CD25 T Reg", "NK cell", "Dendritic", "Platelet",
                "CD8 T cell", "Erythrocyte"]
 
@@ -219,18 +219,19 @@ def donors_dataset(root: Path, n_donors: int = 4, cells_per_type: int = 6,
     return root
 
 
-# -- prediction lines, as predict writes them --------------------------------------------------
+# -- prediction lines, as predict writes them ------------------------------------------------------
 FAILED = "OutOfMemoryError: CUDA out of memory"  # the error of a line whose generation failed
 
 
-def gold_records(golds: Sequence[str], prefix: str = "p", **fields: Any) -> list[dict[str, Any]]:
+def gold_records(golds: Sequence[str], prefix: str = "gold", **fields: Any
+                 ) -> list[dict[str, Any]]:
     """Test records with only what a prediction line copies: id, gold, size and `fields`.
 
     For metric tests whose gold answers are chosen by hand (ontology labels, case variants).
     """
     from cellpuzzle_cli.answer import answer_items
 
-    return [{"puzzle_id": f"{prefix}{i}", "assistant_msg": gold, "n": len(answer_items(gold)),
+    return [{"puzzle_id": f"{prefix}-{i:03d}", "assistant_msg": gold, "n": len(answer_items(gold)),
              **fields} for i, gold in enumerate(golds)]
 
 
@@ -251,8 +252,8 @@ def prediction_lines(records: Sequence[dict[str, Any]], texts: Sequence[str | No
             for r, t in zip(records, texts, strict=True)]
 
 
-# -- models ------------------------------------------------------------------------------------
-def record_texts(records: Sequence[dict[str, Any]]) -> list[str]:
+# -- models ----------------------------------------------------------------------------------------
+def _record_texts(records: Sequence[dict[str, Any]]) -> list[str]:
     """The chat texts of split records: what a tiny model's tokenizer is trained on."""
     return [r[k] for r in records for k in ("system_msg", "user_msg", "assistant_msg")]
 
@@ -270,7 +271,7 @@ def tiny_model_dir(out: Path, records: Sequence[dict[str, Any]] | None = None, *
 
     out = Path(out)
     config = TinyModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, seed=seed)
-    build_tiny_model(out, record_texts(records or make_records()), config)
+    build_tiny_model(out, _record_texts(records or make_records()), config)
     if varied:
         _scramble_weights(out, seed + 1)
     return out
@@ -308,7 +309,7 @@ def foreign_model_dir(out: Path, records: Sequence[dict[str, Any]] | None = None
 
     from cellpuzzle_cli.tiny_model import train_tokenizer
 
-    tok = train_tokenizer(record_texts(records or make_records()), 800)
+    tok = train_tokenizer(_record_texts(records or make_records()), 800)
     tok.add_special_tokens({"eos_token": "</s>", "bos_token": "<s>"})
     tok.chat_template = FOREIGN_TEMPLATE
     tok.padding_side = "right"
