@@ -90,8 +90,7 @@ def _run(args, work: Path, torch) -> None:
     write_jsonl(data, records)
     model = work / "model"
     cfg = TinyModelConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                          num_key_value_heads=max(1, args.hidden // 256))
+                          layers=args.layers, heads=args.hidden // 64)
     params = build_tiny_model(model, [r["user_msg"] + "\n" + r["assistant_msg"] for r in records]
                               + [SYSTEM_PROMPT], cfg)
 

@@ -4,6 +4,10 @@ The base model comes from `--base`, else the adapter's own `adapter_config.json`
 (`base_model_name_or_path`, an absolute folder when `sft` made it), else the manifest's
 record of the `sft` run that wrote the adapter. The merged folder holds safetensors weights,
 the tokenizer the adapter was trained with and the base's generation config.
+
+`sft finetune=full` writes a whole model instead of an adapter; there is nothing to merge, so
+merge-lora copies that folder to the output unchanged, and a pipeline (the demo, RL, predict)
+runs the same commands whichever way the model was fine-tuned.
 """
 
 from __future__ import annotations
@@ -28,6 +32,49 @@ class MergeResult:
     base: str
     parameters: int
     dtype: str
+
+
+def is_full_finetune(folder: Path) -> bool:
+    """Whether `folder` is what `sft finetune=full` writes: a whole model, no adapter (its saved
+    sft.yaml says so; any other model folder is not an sft output)."""
+    from cellpuzzle_cli.config import load_yaml, settings_file
+
+    folder = Path(folder)
+    saved = folder / settings_file("sft")
+    if not saved.is_file() or not (folder / "config.json").is_file():
+        return False
+    try:
+        return load_yaml(saved).get("finetune") == "full"
+    except UserError:
+        return False
+
+
+def copy_full_model(model: Path, out: Path, *, overwrite: bool = False,
+                    progress: Progress | None = None) -> MergeResult:
+    """The pass-through for a full fine-tune: the model folder copied to `out` as it is."""
+    import math
+    import shutil
+
+    from safetensors import safe_open
+
+    tick = progress or (lambda *a, **k: None)
+    tick(0, total=1, description="copying")
+    model = Path(model)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        for item in sorted(model.iterdir()):
+            if item.is_file() and not item.name.startswith("."):
+                shutil.copy2(item, tmp / item.name)
+    params, dtype = 0, "float32"
+    for weights in sorted(Path(out).glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                sl = f.get_slice(key)
+                params += math.prod(sl.get_shape())
+                dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
+                    sl.get_dtype(), sl.get_dtype())
+    tick(1)
+    return MergeResult(out=Path(out), adapter=model, base=str(model.resolve()), parameters=params,
+                       dtype=dtype)
 
 
 def check_adapter(adapter: Path) -> dict[str, Any]:
@@ -108,14 +155,20 @@ def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = Fals
 class MergePlan:
     base: str
     inputs: list[Artifact]
+    full_model: bool = False  # a full fine-tune: copy it, nothing to merge
 
 
 def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None) -> MergePlan:
-    """Which base to merge into, and the run's inputs."""
-    check_adapter(adapter)
-    recorded = manifest.base_model_of(adapter) if base is None else None
-    base_model = resolve_base(adapter, base, recorded)
-    inputs = [Artifact(Path(adapter), "adapter")]
-    if Path(base_model).exists():
-        inputs.append(Artifact(Path(base_model), "base_model"))
-    return MergePlan(base_model, inputs)
+    """Which base to merge into (none for a full fine-tune), and the run's inputs."""
+    full = is_full_finetune(adapter)
+    if full:
+        base_model = str(Path(adapter).resolve())
+        inputs = [Artifact(Path(adapter), "adapter")]
+    else:
+        check_adapter(adapter)
+        recorded = manifest.base_model_of(adapter) if base is None else None
+        base_model = resolve_base(adapter, base, recorded)
+        inputs = [Artifact(Path(adapter), "adapter")]
+        if Path(base_model).exists():
+            inputs.append(Artifact(Path(base_model), "base_model"))
+    return MergePlan(base_model, inputs, full_model=full)

@@ -22,56 +22,80 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from cellpuzzle_cli.config import (
+    Check,
+    Count,
+    Fraction,
+    Rate,
+    Seed,
+    check_settings,
+    one_of,
+    save_settings,
+)
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
+from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.prompts import record_messages
+from cellpuzzle_cli.rationale import MODES as RATIONALE_MODES
 from cellpuzzle_cli.splitting import holdout, read_training_records
 
-CONFIG_NAME = "sft-config.json"
-LOG_NAME = "train-log.json"
-RATIONALE_MODES = ("template", "none")
-
+FINETUNE_MODES = ("lora", "full")
+NonNegative = Annotated[float, Check(0)]
 
 
 @dataclass
 class SftSettings:
-    """Every key `configs/sft.yaml` and `key=value` overrides may set (Cell-o1's recipe by default)."""
+    """Every key `configs/sft.yaml` and `key=value` overrides may set (Cell-o1's recipe by
+    default); saved as sft.yaml beside the adapter, reloadable with --config."""
 
+    # what is trained
+    finetune: Annotated[str, one_of(*FINETUNE_MODES)] = "lora"  # full: every weight (a tiny model)
+    completion_only_loss: bool = True  # false: loss on the prompt too (a from-scratch model)
     # adapter
-    lora_r: int = 256
-    lora_alpha: int | None = None  # None: 2 * lora_r
-    lora_dropout: float = 0.05
+    lora_r: Count = 256
+    lora_alpha: Count | None = None  # None: 2 * lora_r
+    lora_dropout: Fraction = 0.05
     target_modules: str | list[str] = "all-linear"
     use_dora: bool = False
     modules_to_save: list[str] | None = None  # trained in full, e.g. [embed_tokens] for a tiny model
     # optimisation
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 3.0
+    learning_rate: Rate = 5e-5
+    num_train_epochs: Annotated[float, Check(above=0)] = 3.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
-    gradient_accumulation_steps: int = 8
-    warmup_steps: float = 0.03  # below 1: a fraction of the training steps
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 4096
+    per_device_train_batch_size: Count = 1
+    per_device_eval_batch_size: Count = 1
+    gradient_accumulation_steps: Count = 8
+    warmup_steps: NonNegative = 0.03  # below 1: a fraction of the training steps
+    lr_scheduler_type: str = "cosine"  # one of transformers' SchedulerType values
+    weight_decay: NonNegative = 0.0
+    max_grad_norm: Annotated[float, Check(above=0)] = 1.0
+    max_length: Count = 4096
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: bf16 exactly where CUDA supports it
     # data
-    eval_size: float = 0.05  # below 1: a fraction of the puzzles; else a count; 0: no eval
-    rationale: str = "template"  # template | none (see rationale.py)
-    rationale_genes: int = 3
-    seed: int = 0
+    eval_size: NonNegative = 0.05  # below 1: a fraction of the puzzles; else a count; 0: no eval
+    rationale: Annotated[str, one_of(*RATIONALE_MODES)] = "template"  # see rationale.py
+    rationale_genes: Count = 3
+    seed: Seed = 0
     # logging and checkpoints
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
+    logging_steps: Count = 10
+    save_steps: Count = 200
+    save_total_limit: Count = 2
     keep_checkpoints: bool = False
+
+    def validate(self) -> None:
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise UserError(f"'max_steps' must be -1 (train for num_train_epochs) or at least 1, "
+                            f"got {self.max_steps}.")
+        from transformers.trainer_utils import SchedulerType
+
+        choices = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in choices:
+            raise UserError(f"'lr_scheduler_type' must be one of {', '.join(choices)} "
+                            f"(transformers' schedulers), got {self.lr_scheduler_type!r}.")
 
 
 @dataclass
@@ -92,6 +116,15 @@ class SftResult:
     trainable_params: int
     resumed_from: str | None = None
     rationale_counts: dict[str, int] = field(default_factory=dict)
+    processes: int = 1  # torchrun's world size
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest keeps about the run (timings apart: see timings.json)."""
+        return {"steps": self.steps, "train_loss": self.train_loss, "first_loss": self.first_loss,
+                "last_loss": self.last_loss, "eval_loss": self.eval_loss,
+                "n_train": self.n_train, "n_eval": self.n_eval, "bf16": self.bf16,
+                "device": self.device, "trainable_params": self.trainable_params,
+                "targets": self.rationale_counts, "processes": self.processes}
 
 
 def sft_examples(records: Sequence[dict[str, Any]], targets: Sequence[str]) -> list[dict[str, Any]]:
@@ -106,9 +139,7 @@ def prepare_examples(records: Sequence[dict[str, Any]], settings: SftSettings
     """Train and eval examples with rationale targets fitted on the training part only."""
     from cellpuzzle_cli.rationale import build_targets
 
-    if settings.rationale not in RATIONALE_MODES:
-        raise UserError(f"rationale must be one of {', '.join(RATIONALE_MODES)}, got "
-                        f"'{settings.rationale}'.")
+    check_settings(settings)
     train, val = holdout(records, settings.eval_size, settings.seed)
     train_targets, counts = build_targets(train, settings.rationale, fit_on=train,
                                           k=settings.rationale_genes)
@@ -154,13 +185,29 @@ def load_tokenizer(source: str, trust_remote_code: bool):
     return tok
 
 
+def lora_config(settings: SftSettings):
+    """The PEFT adapter `finetune=lora` trains, or None for `finetune=full`."""
+    if settings.finetune == "full":
+        return None
+    from peft import LoraConfig
+
+    # copies: PEFT extends these lists in place, which would leak into the saved config
+    targets = settings.target_modules
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha or 2 * settings.lora_r,
+                      lora_dropout=settings.lora_dropout,
+                      target_modules=list(targets) if isinstance(targets, list) else targets,
+                      use_dora=settings.use_dora,
+                      modules_to_save=list(settings.modules_to_save or []) or None,
+                      ensure_weight_tying=bool(settings.modules_to_save), task_type="CAUSAL_LM")
+
+
 def make_trainer(source: str, train_examples: list[dict], eval_examples: list[dict],
                  settings: SftSettings, work_dir: Path, trust_remote_code: bool = False,
                  callbacks: Sequence[Any] = ()):
-    """An SFTTrainer with a fresh LoRA adapter; separate from training so tests can inspect it."""
+    """An SFTTrainer with a fresh LoRA adapter (or the whole model, `finetune=full`); separate
+    from training so tests can inspect it."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -175,14 +222,6 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load a causal language model from '{source}' ({exc}).") from exc
-    # copies: PEFT extends these lists in place, which would leak into the saved config
-    targets = settings.target_modules
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha or 2 * settings.lora_r,
-                      lora_dropout=settings.lora_dropout,
-                      target_modules=list(targets) if isinstance(targets, list) else targets,
-                      use_dora=settings.use_dora,
-                      modules_to_save=list(settings.modules_to_save or []) or None,
-                      ensure_weight_tying=bool(settings.modules_to_save), task_type="CAUSAL_LM")
     has_eval = bool(eval_examples)
     args = SFTConfig(
         output_dir=str(work_dir), seed=settings.seed, data_seed=settings.seed,
@@ -193,7 +232,8 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
         warmup_steps=settings.warmup_steps, lr_scheduler_type=settings.lr_scheduler_type,
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
         max_length=settings.max_length, gradient_checkpointing=settings.gradient_checkpointing,
-        bf16=bf16, fp16=False, completion_only_loss=True, assistant_only_loss=False,
+        bf16=bf16, fp16=False, completion_only_loss=settings.completion_only_loss,
+        assistant_only_loss=False,
         logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit, eval_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
@@ -202,7 +242,8 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_examples),
                              eval_dataset=Dataset.from_list(eval_examples) if has_eval else None,
-                             processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+                             processing_class=tokenizer, peft_config=lora_config(settings),
+                             callbacks=list(callbacks))
     except ValueError as exc:
         if "Target modules" in str(exc) or "target_modules" in str(exc):
             raise UserError(f"LoRA target_modules={settings.target_modules!r} match no layer of "
@@ -276,40 +317,59 @@ def _losses(log_history: list[dict[str, Any]]) -> tuple[float | None, float | No
 def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
             resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
             progress: Progress | None = None) -> SftResult:
-    """Train a LoRA adapter on `data` and write adapter, tokenizer and resolved config to `out`."""
+    """Train on `data`; write the adapter (or, `finetune=full`, the whole model), tokenizer,
+    settings (sft.yaml) and training curves to `out`.
+
+    Under torchrun every process trains; only the main one prepares the checkpoint folder and
+    writes the output.
+    """
+    from cellpuzzle_cli.curves import write_curves
+    from cellpuzzle_cli.distributed import is_main_process, world_size
+
     out = Path(out)
+    check_settings(settings)
     records = read_training_records(data)
     source = model_source(model)
     train_ex, eval_ex, counts = prepare_examples(records, settings)
-    ckpt = _prepare_work_dir(out, resume, overwrite)
+    main = is_main_process()
     work = checkpoint_dir(out)
-    callbacks = [progress_callback(progress)] if progress else []
+    if main:
+        ckpt = _prepare_work_dir(out, resume, overwrite)
+    else:
+        ckpt = latest_checkpoint(work) if resume else None
+    callbacks = [progress_callback(progress)] if progress and main else []
     trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks)
     t0 = time.perf_counter()
-    train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    try:
+        train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except BaseException:
+        if main and latest_checkpoint(work) is None:  # nothing to resume from: leave nothing
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     runtime = time.perf_counter() - t0
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
     first, last = _losses(trainer.state.log_history)
-    bf16 = bool(trainer.args.bf16)
-    resolved = {**asdict(settings), "lora_alpha": settings.lora_alpha or 2 * settings.lora_r,
-                "bf16": bf16, "base_model": source, "data": str(Path(data).resolve()),
-                "n_train": len(train_ex), "n_eval": len(eval_ex)}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result = SftResult(out=out, base_model=source, data=Path(data), n_train=len(train_ex),
+                       n_eval=len(eval_ex), steps=trainer.state.global_step,
+                       train_loss=float(train_out.training_loss), first_loss=first,
+                       last_loss=last, eval_loss=eval_loss, runtime_s=runtime,
+                       device=str(trainer.args.device), bf16=bool(trainer.args.bf16),
+                       trainable_params=trainable, resumed_from=str(ckpt) if ckpt else None,
+                       rationale_counts=counts, processes=world_size())
+    if not main:
+        return result
     with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
         trainer.model.save_pretrained(tmp)
-        sort_adapter_module_lists(tmp / "adapter_config.json")
+        if settings.finetune == "lora":
+            sort_adapter_module_lists(tmp / "adapter_config.json")
         trainer.processing_class.save_pretrained(tmp)
-        write_json(tmp / CONFIG_NAME, resolved)
-        write_json(tmp / LOG_NAME, trainer.state.log_history)
+        save_settings(tmp, "sft", settings)
+        write_curves(tmp, trainer.state.log_history, f"sft ({settings.finetune})")
         if settings.keep_checkpoints and work.exists():
             shutil.move(str(work), tmp / "checkpoints")
     shutil.rmtree(work, ignore_errors=True)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return SftResult(out=out, base_model=source, data=Path(data), n_train=len(train_ex),
-                     n_eval=len(eval_ex), steps=trainer.state.global_step,
-                     train_loss=float(train_out.training_loss), first_loss=first, last_loss=last,
-                     eval_loss=eval_loss, runtime_s=runtime, device=str(trainer.args.device),
-                     bf16=bf16, trainable_params=trainable,
-                     resumed_from=str(ckpt) if ckpt else None, rationale_counts=counts)
+    return result
 
 
 def sort_adapter_module_lists(path: Path) -> None:

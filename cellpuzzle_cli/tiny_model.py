@@ -8,16 +8,18 @@ chat template, generation config): every command treats it like any downloaded m
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from cellpuzzle_cli.io import Progress, atomic_output_dir, write_json
+from cellpuzzle_cli.answer import TAGS as ANSWER_TAGS
+from cellpuzzle_cli.config import Count, Seed, check_settings, save_settings
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
 
 EOS = "<|im_end|>"
 PAD = "<|endoftext|>"
 SPECIAL = [PAD, "<|im_start|>", EOS]
-ANSWER_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 # ChatML, with {% generation %} so TRL can mask everything but the assistant's tokens.
 CHAT_TEMPLATE = (
@@ -34,21 +36,52 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyModelConfig:
-    vocab_size: int = 4096
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 8192
-    seed: int = 0
+    """The shape of a from-scratch model: init-model's options, saved as init-model.yaml."""
+
+    hidden_size: Count = 64
+    layers: Count = 2
+    heads: Count = 4  # key/value heads: half as many (grouped-query attention, as in Qwen2)
+    intermediate_size: Count | None = None  # None: twice hidden_size
+    vocab_size: Count = 4096  # BPE vocabulary; whole-word tokens come on top
+    whole_words: bool = True  # gene symbols and cell-type names of the puzzles as single tokens
+    max_position_embeddings: Count = 8192
+    seed: Seed = 0
+
+    def validate(self) -> None:
+        if self.hidden_size % self.heads:
+            raise UserError(f"hidden_size ({self.hidden_size}) must be a multiple of heads "
+                            f"({self.heads}).")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads // 2 if self.heads % 2 == 0 else self.heads
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer (as Qwen uses) trained on the given texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def puzzle_words(records: Iterable[dict]) -> list[str]:
+    """Every gene symbol and candidate cell-type name in the puzzles, longest first.
+
+    Added to the tokenizer as whole tokens, a cell type is one token the model can copy from
+    the candidate list, instead of BPE pieces it can glue into a name that is no candidate.
+    """
+    from cellpuzzle_cli.prompts import parse_question
+
+    words: set[str] = set()
+    for record in records:
+        cells, candidates = parse_question(str(record.get("user_msg") or ""))
+        words.update(g for genes in cells for g in genes)
+        words.update(candidates)
+    return sorted((w for w in words if w.strip()), key=lambda w: (-len(w), w))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, words: Iterable[str] = ()):
+    """A byte-level BPE tokenizer (as Qwen uses) trained on the given texts.
+
+    `words` become whole tokens (matched before BPE, decoded verbatim, so names with spaces,
+    '+' or '/' round-trip exactly); any other text still falls back to byte-level BPE.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -60,23 +93,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.train_from_iterator(list(texts) + [SYSTEM_PROMPT], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    unk_token=None, model_max_length=8192)
-    fast.add_tokens(ANSWER_TAGS)
+    fast.add_tokens(list(ANSWER_TAGS))
+    fast.add_tokens([AddedToken(w, normalized=False) for w in words if w not in ANSWER_TAGS])
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
 
 
-def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfig | None = None) -> int:
-    """Write a randomly initialised tiny model + tokenizer to `out_dir`; returns its parameter count."""
+def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfig | None = None,
+                     words: Iterable[str] = ()) -> int:
+    """Write a randomly initialised tiny model + tokenizer to `out_dir`; returns its parameter count.
+
+    `words` (see `puzzle_words`) become whole tokens when `config.whole_words` is set.
+    """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    cfg = config or TinyModelConfig()
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    cfg = check_settings(config or TinyModelConfig())
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, words if cfg.whole_words else ())
     model_cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        intermediate_size=cfg.intermediate_size or 2 * cfg.hidden_size,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -98,12 +137,13 @@ class InitModelResult:
     n_texts: int
 
 
-def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = False,
-                    progress: Progress | None = None) -> InitModelResult:
+def init_tiny_model(data: Path, out: Path, config: TinyModelConfig | None = None,
+                    overwrite: bool = False, progress: Progress | None = None) -> InitModelResult:
     """A from-scratch tiny Qwen2 whose tokenizer is trained on the split's chat texts.
 
     The texts are the system, user and assistant messages of `data`; tiny_model adds the answer
-    tags and the chat template. The result is an ordinary model folder for `sft --model`.
+    tags, the puzzles' gene and cell-type names (`config.whole_words`) and the chat template.
+    The result is an ordinary model folder for `sft --model`.
     """
     import json
 
@@ -115,10 +155,9 @@ def init_tiny_model(data: Path, out: Path, seed: int = 0, overwrite: bool = Fals
     if progress:
         progress(0, total=1, description="init-model")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        config = TinyModelConfig(seed=seed)
-        params = build_tiny_model(tmp, texts, config)
-        write_json(tmp / "init-model.json", {"kind": "tiny", "data": str(Path(data).resolve()),
-                                             "seed": seed, **asdict(config)})
+        config = config or TinyModelConfig()
+        params = build_tiny_model(tmp, texts, config, puzzle_words(records))
+        save_settings(tmp, "init-model", config)
         vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
     if progress:
         progress(1)

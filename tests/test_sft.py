@@ -13,6 +13,9 @@ from fixtures import (
     write_records,
 )
 
+from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.sft import SftSettings
+
 FAST = ["lora_r=8", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
         "logging_steps=1", "eval_size=0.1"]
 
@@ -145,18 +148,19 @@ def test_sft_lowers_training_loss_and_records_the_run(cli, train_file, tiny, rec
     assert result.code == 0, result.output
     assert "train loss" in result.output
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
-                 "sft-config.json", "train-log.json"):
+                 "sft.yaml", "metrics.jsonl", "timings.json", "curves.png"):
         assert (out / name).is_file(), name
-    resolved = orjson.loads((out / "sft-config.json").read_bytes())
-    assert resolved["max_steps"] == 20 and resolved["lora_alpha"] == 32
-    assert resolved["base_model"] == str(tiny.resolve())
+    settings = build_config(SftSettings, out / "sft.yaml")  # the saved settings reload
+    assert settings.max_steps == 20 and settings.lora_r == 16
+    assert orjson.loads((out / "adapter_config.json").read_bytes())["lora_alpha"] == 32
     assert not (tmp_path / ".adapter.checkpoints").exists()
     entry = orjson.loads(cli.manifest.read_bytes())["entries"][-1]
-    assert entry["command"] == "sft"
+    assert entry["command"] == "sft" and entry["params"]["model"] == str(tiny.resolve())
     assert {i["name"] for i in entry["inputs"]} == {"base_model", "train"}
     assert [o["name"] for o in entry["outputs"]] == ["adapter"]
+    losses = [orjson.loads(x)["loss"] for x in (out / "metrics.jsonl").read_bytes().splitlines()]
+    assert losses[-1] < losses[0]
 
-    settings = SftSettings(**{k: v for k, v in resolved.items() if k in SftSettings.__dataclass_fields__})
     train_ex, _, _ = prepare_examples(records, settings)
     tok = AutoTokenizer.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny)
@@ -178,14 +182,18 @@ def test_foreign_model_trains(cli, train_file, foreign, tmp_path):
     assert orjson.loads((out / "adapter_config.json").read_bytes())["use_dora"] is True
 
 
-def test_same_seed_gives_the_same_adapter_bytes(cli, train_file, tiny, tmp_path):
-    weights = []
+def test_same_seed_gives_the_same_bytes(cli, train_file, tiny, tmp_path):
+    """Adapter, settings, logged metrics and curves: byte-identical; only timings.json differs."""
+    files = ("adapter_model.safetensors", "adapter_config.json", "sft.yaml", "metrics.jsonl",
+             "curves.png")
+    runs = []
     for name in ("a", "b"):
         result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / name, *FAST,
-                     "max_steps=3", "eval_size=0")
+                     "max_steps=3", "eval_size=0", "--seed", "7")
         assert result.code == 0, result.output
-        weights.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
-    assert weights[0] == weights[1]
+        runs.append({f: (tmp_path / name / f).read_bytes() for f in files})
+    assert runs[0] == runs[1]
+    assert b"seed: 7" in runs[0]["sft.yaml"]
 
 
 def test_resume_continues_from_kept_checkpoint(cli, train_file, tiny, tmp_path):
@@ -198,7 +206,7 @@ def test_resume_continues_from_kept_checkpoint(cli, train_file, tiny, tmp_path):
                  "max_steps=4", "save_steps=2")
     assert second.code == 0, second.output
     assert "resumed from" in second.output
-    log = orjson.loads((out / "train-log.json").read_bytes())
+    log = [orjson.loads(x) for x in (out / "metrics.jsonl").read_bytes().splitlines()]
     assert max(e["step"] for e in log) == 4
     assert not (out / "checkpoints").exists()
 
@@ -209,3 +217,77 @@ def test_interrupted_run_asks_for_resume(cli, train_file, tiny, tmp_path):
     assert_user_error(result, "interrupted run", "--resume", "--overwrite")
     nothing = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "other", "--resume")
     assert_user_error(nothing, "no checkpoint")
+
+
+# -- from-scratch options -------------------------------------------------------------------
+def test_loss_on_the_whole_sequence_labels_the_prompt_too(records, tiny, tmp_path):
+    from cellpuzzle_cli.sft import SftSettings, make_trainer, prepare_examples
+
+    settings = SftSettings(finetune="full", completion_only_loss=False, eval_size=0)
+    train, _, _ = prepare_examples(records[:4], settings)
+    trainer = make_trainer(str(tiny), train, [], settings, tmp_path / "work")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    for row in range(4):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        real = batch["attention_mask"][row].bool()
+        assert (labels[real] == ids[real]).all() and (labels[~real] == -100).all()
+
+
+def test_full_finetune_trains_every_weight_and_merge_lora_copies_it(cli, train_file, tiny,
+                                                                    tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "full"
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST, "max_steps=3",
+                 "learning_rate=1e-2", "finetune=full", "completion_only_loss=false")
+    assert result.code == 0, result.output
+    assert "Fine-tuned model written" in result.output
+    assert not (out / "adapter_config.json").exists()
+    base, tuned = load_file(tiny / "model.safetensors"), load_file(out / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    unchanged = [k for k in base if (base[k] == tuned[k]).all()]
+    assert not unchanged, unchanged
+    assert build_config(SftSettings, out / "sft.yaml").finetune == "full"
+
+    merged = tmp_path / "merged"
+    result = cli("merge-lora", out, "-o", merged)
+    assert result.code == 0, result.output
+    assert "nothing to merge" in " ".join(result.output.split())
+    assert (merged / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    again = cli("merge-lora", out, "-o", merged)
+    assert again.code == 0 and "up to date" in " ".join(again.output.split())
+
+    preds = tmp_path / "preds"
+    result = cli("predict", "--backend", "hf", "--model", merged, "--data", train_file, "-o", preds,
+                 "--max-new-tokens", "4", "--batch-size", "8")
+    assert result.code == 0, result.output
+    assert len(list(preds.glob("*.jsonl"))) == 1
+
+
+def test_unknown_finetune_mode_is_refused(cli, train_file, tiny, tmp_path):
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "a", "finetune=half")
+    assert_user_error(result, "'finetune' must be one of lora, full")
+
+
+def test_two_processes_train_one_adapter(tmp_path, train_file, tiny):
+    """`--nproc-per-node 2` relaunches under torchrun (DDP over gloo on CPU): both processes
+    train, only the first writes the adapter and the one manifest entry."""
+    import subprocess
+    import sys
+
+    manifest = tmp_path / "m.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellpuzzle_cli", "--manifest", str(manifest), "sft",
+         "--nproc-per-node", "2", "--model", str(tiny), "--data", str(train_file), "-o",
+         str(tmp_path / "adapter"), "max_steps=6", "lora_r=8", "per_device_train_batch_size=2",
+         "gradient_accumulation_steps=1", "logging_steps=1", "eval_size=0",
+         "learning_rate=1e-2"], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entries = orjson.loads(manifest.read_bytes())["entries"]
+    assert [e["command"] for e in entries] == ["sft"]
+    assert entries[0]["summary"]["processes"] == 2
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    losses = [orjson.loads(x)["loss"]
+              for x in (tmp_path / "adapter" / "metrics.jsonl").read_bytes().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0]

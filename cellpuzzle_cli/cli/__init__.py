@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A failure the user can fix (see `errors.explain`) exits 2 with one paragraph;
     a bug keeps its traceback. CELLPUZZLE_DEBUG=1 shows the traceback for both."""
     from cellpuzzle_cli.cli.app import app
+    from cellpuzzle_cli.cli.common import ARGV
 
+    ARGV.set(tuple(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="cellpuzzle")
     except KeyboardInterrupt:

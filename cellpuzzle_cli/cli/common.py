@@ -7,6 +7,7 @@ Nothing heavy is imported here, so `cellpuzzle --help` stays instant.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ err_console = Console(stderr=True)
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 OptionalOutputDir = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
+# The arguments of this invocation (commands that relaunch themselves need them).
+ARGV: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("argv", default=())
 _SEED_HELP = "Seed for every random choice (0 to 4294967295); same seed, same bytes."
 Seed = Annotated[int, typer.Option("--seed", help=_SEED_HELP)]
 # For config-driven commands, where the seed otherwise comes from the config's `seed` key.
@@ -108,10 +111,16 @@ def begin_step(ctx: typer.Context, command: str, params: dict[str, Any],
 
 def run_step(ctx: typer.Context, started: float, command: str, *, params: dict[str, Any],
              inputs: list[Artifact], outputs: list[Artifact], folder: Path, overwrite: bool,
-             work: Callable[[Callable[..., None]], R], label: str, unit: str = "") -> R | None:
+             work: Callable[[Callable[..., None]], R], label: str, unit: str = "",
+             main: bool = True) -> R | None:
     """One folder-writing step: nothing to do when `folder` already holds this very run (see
     `begin_step`); else `work(progress)` runs with the run's stamp on what it publishes, and the
-    run is recorded with the result's `summary()` when it has one. None when skipped."""
+    run is recorded with the result's `summary()` when it has one. None when skipped.
+
+    `main=False` (torchrun's other processes) works alike but says and records nothing."""
+    if not main:
+        step = manifest(ctx).step(command, params, inputs, outputs, folder)
+        return None if not overwrite and step.state() != "new" else work(lambda *a, **k: None)
     step = begin_step(ctx, command, params, inputs, outputs, folder, overwrite)
     if step is None:
         return None

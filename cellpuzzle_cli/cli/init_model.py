@@ -8,17 +8,19 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
     OutputDir,
     Overwrite,
     Seed,
     console,
     input_or_latest,
-    progress_bar,
-    record,
+    run_step,
     start,
+    step_settings,
 )
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.tiny_model import TinyModelConfig
 
 
 def init_model(
@@ -30,7 +32,22 @@ def init_model(
     data: Annotated[Path | None, typer.Option(
         "--data", help="Puzzles whose text trains the tokenizer. Default: the latest split's "
                        "train file in the manifest.")] = None,
-    seed: Seed = 0,
+    hidden_size: Annotated[int, typer.Option(
+        "--hidden-size", help="Width of the model (the MLP is twice as wide).")]
+    = TinyModelConfig.hidden_size,
+    layers: Annotated[int, typer.Option(
+        "--layers", help="Transformer layers (2 or more can copy from the prompt).")]
+    = TinyModelConfig.layers,
+    heads: Annotated[int, typer.Option(
+        "--heads", help="Attention heads (must divide --hidden-size; half as many key/value "
+                        "heads, as in Qwen2).")] = TinyModelConfig.heads,
+    whole_words: Annotated[bool, typer.Option(
+        "--whole-words/--no-whole-words",
+        help="Keep every gene symbol and cell-type name of the puzzles as one token, so the "
+             "model copies whole candidate names; --no-whole-words: plain BPE.")]
+    = TinyModelConfig.whole_words,
+    seed: Seed = TinyModelConfig.seed,
+    config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
     """A tiny from-scratch model for offline tests and demos (random weights, real tokenizer).
@@ -42,14 +59,21 @@ def init_model(
     if not tiny:
         raise UserError("init-model only builds tiny models so far: pass --tiny. To fine-tune a "
                         "real model, give its folder to `cellpuzzle sft --model`.")
+    from cellpuzzle_cli.config import settings_dict
     from cellpuzzle_cli.tiny_model import init_tiny_model
 
     started = start(ctx)
+    settings = step_settings(ctx, TinyModelConfig, config, hidden_size=hidden_size,
+                             layers=layers, heads=heads, whole_words=whole_words, seed=seed)
     train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
-    with progress_bar("init-model") as update:
-        result = init_tiny_model(train, output, seed=seed, overwrite=overwrite, progress=update)
+    result = run_step(
+        ctx, started, "init-model", params={**settings_dict(settings), "data": train},
+        inputs=[Artifact(train, "train")], outputs=[Artifact(output, "model")], folder=output,
+        overwrite=overwrite, label="init-model",
+        work=lambda update: init_tiny_model(train, output, settings, overwrite=overwrite,
+                                            progress=update))
+    if result is None:
+        return
     console.print(f"[bold green]Tiny model written to {result.out}[/bold green]: "
                   f"{result.parameters:,} parameters, vocabulary {result.vocab_size:,} "
                   f"(tokenizer trained on {result.n_texts:,} texts)")
-    record(ctx, "init-model", {"tiny": tiny, "data": train, "seed": seed}, started,
-           [Artifact(train, "train")], [Artifact(output, "model")])

@@ -36,23 +36,34 @@ def merge_lora(
 ) -> None:
     """Merge a LoRA adapter into its base model: one plain Hugging Face model folder.
 
+    The output of `sft finetune=full` is already a whole model: it is copied unchanged.
+
     Running it again on unchanged inputs does nothing ("up to date").
 
     Example: cellpuzzle merge-lora adapter -o sft-model
     """
-    from cellpuzzle_cli.lora import merge_adapter, plan_merge
+    from cellpuzzle_cli.lora import copy_full_model, merge_adapter, plan_merge
 
     started = start(ctx)
     adapter = input_or_latest(ctx, adapter, Kind.ADAPTER, "adapter")
     plan = plan_merge(manifest(ctx), adapter, base)
     quiet_libraries()
-    result = run_step(
-        ctx, started, "merge-lora", params={"adapter": adapter, "base": plan.base},
-        inputs=plan.inputs, outputs=[Artifact(output, "model")], folder=output,
-        overwrite=overwrite, label="merge-lora",
-        work=lambda update: merge_adapter(adapter, output, plan.base, overwrite=overwrite,
-                                          trust_remote_code=trust_remote_code, progress=update))
+    if plan.full_model:
+        def work(update):
+            return copy_full_model(adapter, output, overwrite=overwrite, progress=update)
+    else:
+        def work(update):
+            return merge_adapter(adapter, output, plan.base, overwrite=overwrite,
+                                 trust_remote_code=trust_remote_code, progress=update)
+    result = run_step(ctx, started, "merge-lora", params={"adapter": adapter, "base": plan.base},
+                      inputs=plan.inputs, outputs=[Artifact(output, "model")], folder=output,
+                      overwrite=overwrite, label="merge-lora", work=work)
     if result is None:
         return
-    console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
-                  f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")
+    if plan.full_model:
+        console.print(f"[bold green]{adapter} is a full fine-tune (sft finetune=full): nothing "
+                      f"to merge, copied to {result.out}[/bold green]: {result.parameters:,} "
+                      f"parameters ({result.dtype})")
+    else:
+        console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
+                      f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")

@@ -8,16 +8,17 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ARGV,
     ConfigFile,
+    OptionalSeed,
     OutputDir,
     Overrides,
     Overwrite,
     TrustRemoteCode,
     console,
     input_or_latest,
-    progress_bar,
     quiet_libraries,
-    record,
+    run_step,
     start,
 )
 from cellpuzzle_cli.manifest import Artifact, Kind
@@ -41,35 +42,63 @@ def sft(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted (or kept-checkpoint) run for this -o folder.")]
     = False,
+    seed: OptionalSeed = None,
+    nproc_per_node: Annotated[int, typer.Option(
+        "--nproc-per-node", min=1, help="Train on this many processes (torchrun, DDP: gloo on "
+                                        "CPU, NCCL on GPUs); only the first writes the output.")]
+    = 1,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Supervised fine-tuning with TRL + PEFT LoRA on the assistant turns only.
 
     Settings come from configs/sft.yaml (Cell-o1's recipe), --config, then key=value overrides.
+    For a from-scratch model (init-model --tiny): finetune=full trains every weight and
+    completion_only_loss=false puts the loss on the prompt too; merge-lora then copies the
+    model folder unchanged.
 
     Example: cellpuzzle sft --model tiny-model -o adapter max_steps=30 learning_rate=5e-3 lora_r=8
+
+    Example: cellpuzzle sft --nproc-per-node 2 -o adapter max_steps=30
     """
-    from cellpuzzle_cli.config import build_config, parse_overrides
+    from cellpuzzle_cli.config import build_config, parse_overrides, settings_dict
+    from cellpuzzle_cli.distributed import is_main_process, relaunch, world_size
     from cellpuzzle_cli.sft import SftSettings, model_source, run_sft
 
+    if nproc_per_node > 1 and world_size() == 1:
+        raise typer.Exit(relaunch(nproc_per_node, list(ARGV.get())))
     started = start(ctx)
     values = parse_overrides(overrides)
-    if rationale is not None:
-        values["rationale"] = rationale
+    for key, value in (("rationale", rationale), ("seed", seed)):
+        if value is not None:
+            values[key] = value
     settings = build_config(SftSettings, config, values, default_file="sft.yaml")
     base = model if model is not None else str(
         input_or_latest(ctx, None, Kind.MODEL, "base model (--model)"))
     train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
+    inputs = [Artifact(train, "train")]
+    if Path(base).exists():
+        inputs.insert(0, Artifact(Path(base), "base_model"))
     quiet_libraries()
-    with progress_bar("sft", unit="steps") as update:
-        result = run_sft(base, train, output, settings, resume=resume, overwrite=overwrite,
-                         trust_remote_code=trust_remote_code, progress=update)
+    result = run_step(
+        ctx, started, "sft",
+        params={**settings_dict(settings), "model": model_source(base), "data": train},
+        inputs=inputs, outputs=[Artifact(output, "adapter")], folder=output,
+        overwrite=overwrite or resume, label="sft", unit="steps", main=is_main_process(),
+        work=lambda update: run_sft(base, train, output, settings, resume=resume,
+                                    overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                    progress=update))
+    if result is not None and is_main_process():
+        _print_result(result, settings.finetune)
 
+
+def _print_result(result, finetune: str) -> None:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    console.print(f"[bold green]Adapter written to {result.out}[/bold green]")
+    what = "Fine-tuned model" if finetune == "full" else "Adapter"
+    console.print(f"[bold green]{what} written to {result.out}[/bold green] (curves: "
+                  f"{result.out}/curves.png, metrics.jsonl)")
     console.print(f"  base model   {result.base_model}")
     console.print(f"  puzzles      {result.n_train} train, {result.n_eval} eval "
                   f"(targets: {result.rationale_counts})")
@@ -79,14 +108,5 @@ def sft(
     console.print(f"  train loss   {fmt(result.train_loss)} mean "
                   f"(first logged {fmt(result.first_loss)}, last {fmt(result.last_loss)})")
     console.print(f"  eval loss    {fmt(result.eval_loss)}")
-    console.print(f"  trainable    {result.trainable_params:,} adapter parameters")
-    inputs = [Artifact(train, "train")]
-    if Path(result.base_model).exists():
-        inputs.insert(0, Artifact(Path(result.base_model), "base_model"))
-    from dataclasses import asdict
-
-    record(ctx, "sft", {**asdict(settings), "model": model_source(base), "data": train,
-                        "resume": resume},
-           started, inputs, [Artifact(output, "adapter")],
-           extra={"results": {"train_loss": result.train_loss, "eval_loss": result.eval_loss,
-                              "steps": result.steps, "runtime_s": round(result.runtime_s, 2)}})
+    console.print(f"  trainable    {result.trainable_params:,} "
+                  f"{'model' if finetune == 'full' else 'adapter'} parameters")
