@@ -49,7 +49,7 @@ def test_refusals(cli, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "busy", "--data", train),
-                   "already holds results")
+                      "already holds results")
     assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m2"), "split")
 
 
@@ -109,7 +109,7 @@ def test_model_shape_is_checked(cli, tmp_path):
     train = write_records(tmp_path / "train.jsonl", make_records(4, seed=12))
     assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m", "--data", train,
                        "--hidden-size", "30", "--heads", "4"), "hidden_size (30)",
-                   "multiple of heads (4)")
+                      "multiple of heads (4)")
     assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m", "--data", train,
                        "--layers", "0"), "'layers' must be at least 1")
     assert not (tmp_path / "m").exists()

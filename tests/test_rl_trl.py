@@ -83,13 +83,13 @@ def test_trl_dry_run_maps_cello1_settings(cli, inputs):
 
 
 def test_trl_checks_keys_against_verl_schema(cli, inputs):
-    assert_user_error(cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.nn=2"),
-                 "actor_rollout_ref.rollout.nn")
+    result = cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.nn=2")
+    assert_user_error(result, "actor_rollout_ref.rollout.nn")
 
 
 def test_trl_group_size_must_allow_a_comparison(cli, inputs):
-    assert_user_error(cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.n=1"),
-                 "at least 2")
+    result = cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.n=1")
+    assert_user_error(result, "at least 2")
 
 
 def test_trl_refuses_existing_output(cli, inputs, tmp_path):

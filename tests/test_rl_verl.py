@@ -91,19 +91,20 @@ def test_ppo_dry_run_has_critic_and_warmups(cli, inputs):
 
 def test_misspelt_key_exits_2_naming_it(cli, inputs):
     result = cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.actor.optim.lrr=1")
-    assert_user_error(result, "actor_rollout_ref.actor.optim.lrr", "actor_rollout_ref.actor.optim.lr'")
+    assert_user_error(result, "actor_rollout_ref.actor.optim.lrr",
+                      "actor_rollout_ref.actor.optim.lr'")
 
 
 def test_misspelt_key_in_our_section(cli, inputs):
     assert_user_error(cli("rl", "grpo", "--dry-run", *_args(inputs), "cellpuzzle.backnd=trl"),
-                 "cellpuzzle.backnd", "backend")
+                      "cellpuzzle.backnd", "backend")
 
 
 def test_legacy_reward_keys_are_refused(cli, inputs):
     result = cli("rl", "grpo", "--dry-run", *_args(inputs), "custom_reward_function.path=/r.py")
     assert_user_error(result, "custom_reward_function.path", "reward.custom_reward_function")
-    assert_user_error(cli("rl", "grpo", "--dry-run", *_args(inputs), "+reward.reward_manager=custom"),
-                 "reward.reward_manager.name")
+    result = cli("rl", "grpo", "--dry-run", *_args(inputs), "+reward.reward_manager=custom")
+    assert_user_error(result, "reward.reward_manager.name")
 
 
 def test_verl_validation_runs_in_dry_run(cli, inputs):
@@ -159,7 +160,8 @@ def test_a_live_ray_head_passes_the_check():
 
 
 def test_ppo_on_trl_points_to_verl(cli, inputs):
-    assert_user_error(cli("rl", "ppo", "--backend", "trl", *_args(inputs)), "no PPO trainer", "verl")
+    assert_user_error(cli("rl", "ppo", "--backend", "trl", *_args(inputs)), "no PPO trainer",
+                      "verl")
 
 
 def test_inputs_default_to_the_manifest(cli, inputs, tmp_path):
@@ -238,10 +240,10 @@ def test_nested_yaml_config_file_with_a_typo(cli, inputs, tmp_path):
     config.write_text("cellpuzzle:\n  backend: verl\n"
                       "actor_rollout_ref:\n  rollout:\n    n: 4\n    temperatur: 0.7\n")
     assert_user_error(cli("rl", "grpo", "--dry-run", "-c", config, *_args(inputs)),
-                 "actor_rollout_ref.rollout.temperatur", "actor_rollout_ref.rollout.temperature")
+                      "actor_rollout_ref.rollout.temperatur", "actor_rollout_ref.rollout.temperature")
     config.write_text("actor_rollout_ref:\n  rollout:\n    n: 4\n")
     assert_user_error(cli("rl", "grpo", "--dry-run", "-c", config, *_args(inputs)),
-                 "actor_rollout_ref.actor", "ppo_micro_batch_size_per_gpu")
+                      "actor_rollout_ref.actor", "ppo_micro_batch_size_per_gpu")
     config.write_text("algorithm:\n  adv_estimator: grpo\n"
                       "actor_rollout_ref:\n  rollout:\n    n: 4\n"
                       "    log_prob_micro_batch_size_per_gpu: 1\n"

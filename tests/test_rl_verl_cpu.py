@@ -211,7 +211,8 @@ def test_canary_stops_a_run_that_scores_with_another_reward(job, tmp_path):
                           "trainer.save_freq=40", f"reward.custom_reward_function.path={module}",
                           manifest=job["manifest"])
     print(f"canary run: {time.perf_counter() - started:.0f}s")
-    assert_user_error(result, "never called cellpuzzle's reward", "reward.custom_reward_function.path")
+    assert_user_error(result, "never called cellpuzzle's reward",
+                      "reward.custom_reward_function.path")
     logged = _jsonl(tmp_path / "rl" / "verl_metrics.jsonl")
     assert 1 <= len(logged) < 40  # stopped during the run, not after it
     assert not (tmp_path / "rl" / "global_step_40").exists()
@@ -236,7 +237,7 @@ def test_cpu_dry_run_sets_the_cpu_keys(cli, small, tmp_path):
 def test_cpu_refuses_what_it_cannot_run(cli, small):
     assert_user_error(cli("rl", "grpo", "--device", "cpu", "--dry-run", *_args(small),
                      "actor_rollout_ref.rollout.name=vllm"),
-                 "--device cpu needs actor_rollout_ref.rollout.name=hf")
+                      "--device cpu needs actor_rollout_ref.rollout.name=hf")
     assert_user_error(cli("rl", "grpo", "--device", "cpu", "--dry-run", *_args(small),
                      "--ray-address", "127.0.0.1:1"), "drop --ray-address")
 
