@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
+from fixtures import MARKERS, make_records
 
-from cellpuzzle_cli.answer import answer_items, format_answer, judge, parse_answer
+from cellpuzzle_cli.answer import answer_items, judge, parse_answer
 from cellpuzzle_cli.baseline import BaselineBackend, assign
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.markers import MarkerStats
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
-
-TYPES = ["B cell", "T cell", "NK cell", "monocyte", "platelet", "dendritic cell"]
 
 
-def planted_puzzles(count: int, seed: int, noise: int = 12, markers: int = 3) -> list[dict]:
-    """Split records whose cells list their type's planted markers among shared noise genes."""
-    rng = random.Random(seed)
-    records = []
-    for k in range(count):
-        n = rng.randint(3, len(TYPES))
-        types = rng.sample(TYPES, n)
-        cells = []
-        for t in types:
-            genes = [f"{t.split()[0].upper()}_M{i}" for i in range(markers)]
-            genes += [f"HK{rng.randrange(40)}" for _ in range(noise)]
-            rng.shuffle(genes)
-            cells.append(genes)
-        candidates = sorted(types, key=lambda _: rng.random())
-        records.append({"system_msg": SYSTEM_PROMPT,
-                        "user_msg": format_question("Donor: 40-year-old female.", cells, candidates),
-                        "assistant_msg": format_answer(types), "puzzle_id": f"s{seed}-{k}", "n": n})
-    return records
+def planted_puzzles(count: int, seed: int) -> list[dict]:
+    """Split records of 3 to 6 cells, each listing some of its type's planted markers."""
+    return make_records(count, seed, n_cells=(3, 6), id_prefix=f"s{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +29,6 @@ def test_baseline_solves_planted_puzzles_with_legitimate_answers(train):
     assert all(v.legitimate for v in verdicts)
     assert all(v.n_distinct == v.n_items == v.n for v in verdicts)  # one-to-one
     assert sum(v.exact for v in verdicts) / len(verdicts) >= 0.95
-    assert BaselineBackend.name == "baseline"
 
 
 def test_rationale_names_the_planted_markers(train):
@@ -56,7 +36,7 @@ def test_rationale_names_the_planted_markers(train):
     text = BaselineBackend(train).generate(test)[0]
     assert text.startswith("<think>\n") and "</think>\n<answer>" in text
     first_type = answer_items(test[0]["assistant_msg"])[0]
-    assert f"{first_type.split()[0].upper()}_M" in text.splitlines()[1]
+    assert any(marker in text.splitlines()[1] for marker in MARKERS[first_type])
 
 
 def test_baseline_is_deterministic(train):
@@ -77,11 +57,13 @@ def test_marker_stats_from_puzzle_files_and_full_answers(train):
                    "answer": f"<think>\nx\n</think>\n<answer>{r['assistant_msg']}</answer>"} for r in train]
     a, b = MarkerStats.fit(train), MarkerStats.fit(as_puzzles)
     assert a.types == b.types and np.array_equal(a.counts, b.counts)
-    m = a.score_matrix([["B_M0", "B_M1", "HK1"], ["NK_M2", "HK3"]], ["NK cell", "b cell", "alien"])
+    m = a.score_matrix([["MS4A1", "CD79A", "GENE1"], ["GNLY", "GENE3"]],
+                       ["natural killer cell", "b cell", "alien"])
     assert m.shape == (2, 3)
     assert m[0].argmax() == 1 and m[1].argmax() == 0  # types match case-insensitively
-    assert set(a.evidence(["HK1", "B_M2", "B_M0", "NK_M1"], "B cell", k=2)) == {"B_M0", "B_M2"}
-    assert "NK_M1" not in a.evidence(["HK1", "B_M2", "NK_M1"], "B cell", k=3)
+    assert set(a.evidence(["GENE1", "CD79B", "MS4A1", "GNLY"], "B cell", k=2)) == {"MS4A1",
+                                                                                   "CD79B"}
+    assert "GNLY" not in a.evidence(["GENE1", "CD79B", "GNLY"], "B cell", k=3)
     assert not a.knows("alien") and a.knows("B CELL")
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CliResult
-from conftest import assert_user_error as _assert_user_error
+from fixtures import assert_user_error
 
 from cellpuzzle_cli.config import build_config
 from cellpuzzle_cli.context import ContextConfig
@@ -16,14 +15,6 @@ from cellpuzzle_cli.synthetic import SyntheticSpec, write_synthetic_h5ad
 
 PBMC = Path(__import__("scanpy").__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
 KANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang2018_pbmc.h5ad"
-
-
-def assert_user_error(result: CliResult, *fragments: str) -> None:
-    """conftest's check, on the message with the error panel's borders taken out."""
-    import re
-
-    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
-    _assert_user_error(CliResult(result.code, flat, ""), *fragments)
 
 
 def read_table(path: Path):

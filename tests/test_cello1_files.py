@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from predict_fixtures import make_records
-from test_build_context import assert_user_error
+from fixtures import (
+    assert_user_error,
+    gold_records,
+    make_records,
+    prediction_lines,
+    write_records,
+)
 
 
 def _cello1(record: dict) -> dict:
@@ -50,9 +55,8 @@ def test_predict_without_a_train_file_names_the_option(cli, cello1_dir, tmp_path
 
 
 def test_score_reference_without_puzzles_names_the_files_it_takes(cli, tmp_path):
-    preds = tmp_path / "run" / "p.jsonl"
-    preds.parent.mkdir()
-    preds.write_text(json.dumps({"puzzle_id": "a", "prediction": "x", "answer": "a | b"}) + "\n")
+    preds = write_records(tmp_path / "run" / "p.jsonl",
+                          prediction_lines(gold_records(["a | b"]), ["x"]))
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps([{"note": "no puzzle here"}]))
     assert_user_error(cli("score", preds.parent, "--reference", ref), "holds no puzzles",

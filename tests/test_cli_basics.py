@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from fixtures import run_cli
 
 COMMANDS = ["build-context", "make-qa", "split", "init-model", "sft", "merge-lora", "to-parquet",
             "rl grpo", "rl ppo", "convert-ckpt", "predict", "score", "manifest"]

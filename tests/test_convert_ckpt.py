@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 from ckpt_fixtures import build_fsdp_checkpoints, save_untied_bf16_variant
-from rl_fixtures import assert_exit2 as assert_user_error
-from rl_fixtures import make_tiny_model
+from fixtures import assert_user_error, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
-    tied = make_tiny_model(root / "tied")
+    tied = tiny_model_dir(root / "tied")
     untied = root / "untied"
     save_untied_bf16_variant(tied, untied)
     run2 = root / "run2"

@@ -10,13 +10,21 @@ import pickle
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import assert_user_error, run_cli
-from puzzles_fixtures import donors_dataset
-from train_fixtures import make_records, tiny_model_dir, write_records
+from fixtures import (
+    assert_user_error,
+    donors_dataset,
+    gold_records,
+    make_records,
+    prediction_lines,
+    run_cli,
+    tiny_model_dir,
+    write_records,
+)
 
 LONG = "x" * 300
 
@@ -95,8 +103,7 @@ def test_a_folder_given_as_config(pipeline, tmp_path, command):
 
 
 def test_score_json_into_a_folder(tmp_path):
-    preds = write_records(tmp_path / "p.jsonl", [{"puzzle_id": "a", "prediction": "x",
-                                                   "answer": "T | B"}])
+    preds = write_records(tmp_path / "p.jsonl", prediction_lines(gold_records(["T | B"]), ["x"]))
     (tmp_path / "report").mkdir()
     refused_leaving_nothing(tmp_path, ["score", preds, "--json", tmp_path / "report"],
                             "report", "is a folder")
@@ -128,27 +135,26 @@ def test_malformed_manifest_stops_before_any_work(pipeline, tmp_path, document, 
 
 
 # -- the environment ---------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tiny tmpfs, so writes fail with ENOSPC (needs the right to mount)."""
-    mount = tmp_path / "disk"
+def mounted_tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A 64 KiB tmpfs at `mount` while the test runs; skips where mounting is not allowed."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size=64k", "tmpfs", str(mount)],
                       check=False, capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN)")
+        pytest.skip(f"cannot mount a tmpfs ({options}size=64k) here (needs root or "
+                    "CAP_SYS_ADMIN)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tiny disk, so writes fail with ENOSPC."""
+    yield from mounted_tmpfs(tmp_path / "disk", "")
 
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
-                      check=False, capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root or CAP_SYS_ADMIN)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "ro", "ro,")
 
 
 @pytest.mark.parametrize("command", ["make-qa", "split", "to-parquet"])
@@ -274,15 +280,15 @@ def test_training_answers_must_use_each_candidate_once(tmp_path):
 
 
 def test_score_reference_without_overlap(pipeline, tmp_path):
-    preds = write_records(tmp_path / "p.jsonl", [{"puzzle_id": "elsewhere", "prediction": "x",
-                                                   "answer": "T | B"}])
+    elsewhere = gold_records(["T | B"], prefix="elsewhere")
+    preds = write_records(tmp_path / "p.jsonl", prediction_lines(elsewhere, ["x"]))
     refused_leaving_nothing(tmp_path, ["score", preds, "--reference", pipeline["test"]],
                             "None of the 1 predictions", "test split")
 
 
 def test_manifest_last_takes_positive_numbers(tmp_path):
     result = run_cli("manifest", "--last", "-2", manifest=tmp_path / "m.json")
-    assert result.code == 2 and "Traceback" not in result.output
+    assert_user_error(result, "--last", "greater than or equal to 0")
 
 
 # -- inputs that must work -----------------------------------------------------------------------

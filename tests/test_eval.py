@@ -8,21 +8,25 @@ import math
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
-from conftest import run_cli
-from test_answer import tagged
-from test_build_context import assert_user_error
+from fixtures import (
+    answered,
+    assert_user_error,
+    gold_records,
+    prediction_lines,
+    run_cli,
+    write_records,
+)
 
 from cellpuzzle_cli.synthetic import SyntheticSpec, write_synthetic_h5ad
 
 CD4, CD8, T, B, NAIVE_CD4 = "CL:0000624", "CL:0000625", "CL:0000084", "CL:0000236", "CL:0000895"
 
 
-def write_predictions(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    return path
+def write_predictions(path: Path, golds: list[str], answers: list[str], **fields) -> Path:
+    """predict's lines answering puzzles with gold `golds` by `answers` (item lists joined)."""
+    lines = prediction_lines(gold_records(golds, **fields), [answered(a) for a in answers])
+    return write_records(path, lines)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +103,7 @@ def test_cell_type_id_col_must_exist(id_pipeline, tmp_path):
 
 def test_hierarchical_section_omitted_without_ids(tmp_path):
     gold = "B cells | NK cells | T cells"
-    path = write_predictions(tmp_path / "run" / "p.jsonl", [
-        {"puzzle_id": "a", "prediction": tagged(gold), "answer": gold}])
+    path = write_predictions(tmp_path / "run" / "p.jsonl", [gold], [gold])
     result = run_cli("score", path.parent, "--json", tmp_path / "s.json",
                      manifest=tmp_path / "m.json")
     assert result.code == 0, result.output
@@ -135,9 +138,9 @@ def test_hierarchical_metrics_equal_hand_computed_values(tmp_path):
     gold = "CD4-positive, alpha-beta T cell | B cell"
     answers = ["CD4-positive, alpha-beta T cell", "T cell", "naive CD4 T cell",
                "CD8-positive, alpha-beta T cell", "B cell"]
-    rows = [{"puzzle_id": f"p{i}", "prediction": tagged(f"{a} | B cell"), "answer": gold,
-             "cell_type_ids": [CD4, B]} for i, a in enumerate(answers)]
-    judged = judge_run("run", [write_predictions(tmp_path / "p.jsonl", rows)])
+    path = write_predictions(tmp_path / "p.jsonl", [gold] * len(answers),
+                             [f"{a} | B cell" for a in answers], cell_type_ids=[CD4, B])
+    judged = judge_run("run", [path])
     tree = hierarchical(judged.cells, onto=CellOntology(FRAGMENT, "fragment"))
     assert tree.precision == pytest.approx(11 / 14)
     assert tree.recall == pytest.approx(11 / 15)
@@ -156,12 +159,11 @@ def test_relations_on_the_shipped_cell_ontology(tmp_path):
     gold = "CD4 T | B"
     answers = ["T cell", "naive thymus-derived CD4-positive, alpha-beta T cell", "CD8 T",
                "helper blob"]
-    rows = [{"puzzle_id": f"p{i}", "prediction": tagged(f"{a} | B"), "answer": gold}
-            for i, a in enumerate(answers)]
     table = tmp_path / "labels.tsv"
     table.write_text(f"label\tcell_type_ontology_term_id\nCD4 T\t{CD4}\nCD8 T\t{CD8}\nB\t{B}\n")
-    judged = judge_run("run", [write_predictions(tmp_path / "p.jsonl", rows)])
-    tree = hierarchical(judged.cells, read_label_ids(table))
+    path = write_predictions(tmp_path / "p.jsonl", [gold] * len(answers),
+                             [f"{a} | B" for a in answers])
+    tree = hierarchical(judge_run("run", [path]).cells, read_label_ids(table))
     assert tree.omitted is None and tree.cells == 8
     assert tree.shares == pytest.approx({"gold": 0.5, "ancestor": 0.125, "descendant": 0.125,
                                          "unrelated": 0.125, "unmapped": 0.125,
@@ -187,18 +189,18 @@ def test_per_type_metrics_equal_scikit_learn(tmp_path):
 
     types = ["B cell", "T cell", "NK cell", "monocyte", "platelet"]
     rng = np.random.default_rng(7)
-    rows, y_true, y_pred = [], [], []
+    golds, answers, y_true, y_pred = [], [], [], []
     for i in range(60):
         n = int(rng.integers(2, 6))
         gold = list(rng.choice(types, n, replace=False))
         pred = [str(rng.choice([*types, "neutrophil"])) for _ in range(n)]
         if i % 7 == 0 and n > 2:   # (a single item has no "|": illegitimate)
             pred = pred[:-1]                           # a missing item: "(no answer)"
-        rows.append({"puzzle_id": f"p{i}", "prediction": tagged(" | ".join(pred)),
-                     "answer": " | ".join(gold)})
+        golds.append(" | ".join(gold))
+        answers.append(" | ".join(pred))
         y_true += gold
         y_pred += pred + [NONE] * (n - len(pred))
-    judged = judge_run("run", [write_predictions(tmp_path / "p.jsonl", rows)])
+    judged = judge_run("run", [write_predictions(tmp_path / "p.jsonl", golds, answers)])
     got = per_type(judged.cells)
     labels = sorted(set(y_true), key=str.lower)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
@@ -219,9 +221,7 @@ def test_chance_in_json_and_table(tmp_path):
     assert chance(sizes) == pytest.approx({"chance_cell_accuracy": 3 / 11,
                                            "chance_exact_match": (2 / 6 + 1 / 120) / 3})
     gold3, gold5 = "a | b | c", "a | b | c | d | e"
-    path = write_predictions(tmp_path / "run" / "p.jsonl", [
-        {"puzzle_id": "x", "prediction": tagged(gold3), "answer": gold3},
-        {"puzzle_id": "y", "prediction": tagged(gold5), "answer": gold5}])
+    path = write_predictions(tmp_path / "run" / "p.jsonl", [gold3, gold5], [gold3, gold5])
     result = run_cli("score", path.parent, "--json", tmp_path / "s.json", "--plot",
                      tmp_path / "by_n.png", manifest=tmp_path / "m.json")
     assert result.code == 0, result.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from train_fixtures import assert_refused, make_records, one_torch_thread, write_records
+from fixtures import assert_user_error, make_records, one_torch_thread, write_records
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,12 +45,12 @@ def test_tiny_model_from_the_manifest_split_feeds_sft(cli, tmp_path):
 
 def test_refusals(cli, tmp_path):
     train = write_records(tmp_path / "train.jsonl", make_records(4, seed=12))
-    assert_refused(cli("init-model", "-o", tmp_path / "m", "--data", train), "--tiny")
+    assert_user_error(cli("init-model", "-o", tmp_path / "m", "--data", train), "--tiny")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
-    assert_refused(cli("init-model", "--tiny", "-o", tmp_path / "busy", "--data", train),
-                   "already holds results")
-    assert_refused(cli("init-model", "--tiny", "-o", tmp_path / "m2"), "split")
+    assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "busy", "--data", train),
+                      "already holds results")
+    assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m2"), "split")
 
 
 def pbmc_like_records():
@@ -107,9 +107,9 @@ def test_whole_words_keep_every_gene_and_candidate_as_one_token(cli, tmp_path):
 
 def test_model_shape_is_checked(cli, tmp_path):
     train = write_records(tmp_path / "train.jsonl", make_records(4, seed=12))
-    assert_refused(cli("init-model", "--tiny", "-o", tmp_path / "m", "--data", train,
+    assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m", "--data", train,
                        "--hidden-size", "30", "--heads", "4"), "hidden_size (30)",
-                   "multiple of heads (4)")
-    assert_refused(cli("init-model", "--tiny", "-o", tmp_path / "m", "--data", train,
+                      "multiple of heads (4)")
+    assert_user_error(cli("init-model", "--tiny", "-o", tmp_path / "m", "--data", train,
                        "--layers", "0"), "'layers' must be at least 1")
     assert not (tmp_path / "m").exists()

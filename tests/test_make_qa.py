@@ -8,8 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import assert_user_error
-from puzzles_fixtures import TYPES, cell_rows, donors_dataset, write_cells
+from fixtures import TABLE_TYPES, assert_user_error, cell_rows, donors_dataset, write_cells
 
 from cellpuzzle_cli.answer import ANSWER_SEPARATOR
 from cellpuzzle_cli.config import build_config
@@ -67,8 +66,8 @@ def test_sort_candidates_sorts_without_changing_the_cells(tmp_path):
 
 def test_quota_type_limits_and_skipped_groups(tmp_path):
     cells = tmp_path / "cells"
-    write_cells(cells / "big.parquet", cell_rows("ds", "rich", {t: 5 for t in TYPES[:5]}))
-    write_cells(cells / "few.parquet", cell_rows("ds", "poor", {t: 5 for t in TYPES[:2]}))
+    write_cells(cells / "big.parquet", cell_rows("ds", "rich", {t: 5 for t in TABLE_TYPES[:5]}))
+    write_cells(cells / "few.parquet", cell_rows("ds", "poor", {t: 5 for t in TABLE_TYPES[:2]}))
     result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(min_n=3, max_n=15, per_n=7))
     assert result.groups_used == 1 and result.groups_skipped == 1
     assert "ds:poor (2 types)" in result.skipped_examples[0]
@@ -80,7 +79,7 @@ def test_quota_type_limits_and_skipped_groups(tmp_path):
 
 def test_no_duplicate_cell_sets_and_shortfall_is_reported(tmp_path):
     # One cell per type, 4 types: only C(4,3) = 4 distinct sets of 3 and 1 set of 4 exist.
-    cells = write_cells(tmp_path / "c.parquet", cell_rows("ds", "D", {t: 1 for t in TYPES[:4]}))
+    cells = write_cells(tmp_path / "c.parquet", cell_rows("ds", "D", {t: 1 for t in TABLE_TYPES[:4]}))
     result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(per_n=10))
     puzzles = read_puzzles(tmp_path / "out")
     assert result.puzzles_per_n == {3: 4, 4: 1}
@@ -93,7 +92,7 @@ def test_batches_make_separate_groups_unless_ignored(tmp_path):
     cells = tmp_path / "cells"
     for batch in ("b1", "b2"):
         write_cells(cells / f"{batch}.parquet",
-                    cell_rows("ds", "D1", {t: 3 for t in TYPES[:3]}, batch=batch))
+                    cell_rows("ds", "D1", {t: 3 for t in TABLE_TYPES[:3]}, batch=batch))
     make_puzzles(cells, tmp_path / "by_batch", PuzzleConfig(per_n=2))
     make_puzzles(cells, tmp_path / "merged", PuzzleConfig(per_n=2, ignore_batch=True))
     by_batch = read_puzzles(tmp_path / "by_batch")
@@ -104,8 +103,8 @@ def test_batches_make_separate_groups_unless_ignored(tmp_path):
 
 
 def test_mixed_contexts_use_the_most_common_and_are_counted(tmp_path):
-    rows = (cell_rows("ds", "D", {t: 2 for t in TYPES[:3]}, batch=None, context="Blood.")
-            + cell_rows("ds", "D", {TYPES[3]: 1}, batch=None, context="Lung."))
+    rows = (cell_rows("ds", "D", {t: 2 for t in TABLE_TYPES[:3]}, batch=None, context="Blood.")
+            + cell_rows("ds", "D", {TABLE_TYPES[3]: 1}, batch=None, context="Lung."))
     cells = write_cells(tmp_path / "c.parquet", rows)
     result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(min_n=4, max_n=4, per_n=3))
     assert result.mixed_context == 3
@@ -143,7 +142,7 @@ def test_cli_is_deterministic_and_seeded(tmp_path, cli):
 
 
 def test_single_parquet_file_input(tmp_path, cli):
-    cells = write_cells(tmp_path / "one.parquet", cell_rows("ds", "D", {t: 2 for t in TYPES[:3]}))
+    cells = write_cells(tmp_path / "one.parquet", cell_rows("ds", "D", {t: 2 for t in TABLE_TYPES[:3]}))
     result = cli("make-qa", cells, "-o", tmp_path / "out", "--per-n", "2")
     assert result.code == 0, result.output
     assert len(read_puzzles(tmp_path / "out")) == 2
@@ -194,7 +193,7 @@ def test_bad_input_is_a_clear_user_error(tmp_path, cli, case):
         args = ["-o", out]
         expected = ("no cells folder", "build-context")
     else:
-        write_cells(cells / "x.parquet", cell_rows("ds", "D", {t: 3 for t in TYPES[:2]}))
+        write_cells(cells / "x.parquet", cell_rows("ds", "D", {t: 3 for t in TABLE_TYPES[:2]}))
         expected = ("no puzzles", "--min-n")
     result = cli("make-qa", *args)
     assert_user_error(result, *expected)

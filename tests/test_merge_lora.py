@@ -7,11 +7,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from train_fixtures import (
-    assert_refused,
+from fixtures import (
+    assert_says,
+    assert_user_error,
     foreign_model_dir,
     make_records,
-    message_text,
     one_torch_thread,
     tiny_model_dir,
 )
@@ -28,13 +28,16 @@ def records():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, records):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", records)
+def bases(tmp_path_factory, records) -> dict[str, Path]:
+    """Both kinds of base model an adapter is merged into: project-made and foreign."""
+    root = tmp_path_factory.mktemp("bases")
+    return {"tiny": tiny_model_dir(root / "tiny", records),
+            "foreign": foreign_model_dir(root / "foreign", records)}
 
 
-@pytest.fixture(scope="module")
-def foreign(tmp_path_factory, records):
-    return foreign_model_dir(tmp_path_factory.mktemp("foreign") / "model", records)
+@pytest.fixture
+def tiny(bases) -> Path:
+    return bases["tiny"]
 
 
 def make_adapter(base: Path, out: Path, seed: int = 0, modules_to_save: list[str] | None = None
@@ -70,11 +73,11 @@ def logits(model, tok, text: str):
 
 @pytest.mark.parametrize("which,saved", [("tiny", None), ("foreign", None),
                                          ("tiny", ["embed_tokens"])])
-def test_merged_logits_equal_peft_logits(which, saved, request, cli, records, tmp_path):
+def test_merged_logits_equal_peft_logits(which, saved, bases, cli, records, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = request.getfixturevalue(which)
+    base = bases[which]
     adapter = make_adapter(base, tmp_path / "adapter", modules_to_save=saved)
     out = tmp_path / "merged"
     result = cli("merge-lora", adapter, "-o", out)
@@ -100,14 +103,14 @@ def test_second_run_is_a_no_op_and_a_changed_output_is_refused(cli, tiny, tmp_pa
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     again = cli("merge-lora", adapter, "-o", out)
     assert again.code == 0, again.output
-    assert "is up to date" in message_text(again)
+    assert_says(again, "is up to date")
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     entries = orjson.loads(cli.manifest.read_bytes())["entries"]
     assert [e["command"] for e in entries] == ["merge-lora"]
     assert {i["name"] for i in entries[0]["inputs"]} == {"adapter", "base_model"}
     (out / "extra.txt").write_text("edited by hand")
     refused = cli("merge-lora", adapter, "-o", out)
-    assert_refused(refused, "already holds results", "--overwrite")
+    assert_user_error(refused, "already holds results", "--overwrite")
 
 
 def test_base_comes_from_the_manifest_when_the_adapter_path_is_stale(cli, tiny, tmp_path):
@@ -127,18 +130,13 @@ def test_base_comes_from_the_manifest_when_the_adapter_path_is_stale(cli, tiny, 
 
 def test_folder_without_adapter_config_is_refused(cli, tiny, tmp_path):
     result = cli("merge-lora", tiny, "-o", tmp_path / "merged")
-    assert_refused(result, "adapter_config.json", "not a lora adapter")
+    assert_user_error(result, "adapter_config.json", "not a lora adapter")
     assert not (tmp_path / "merged").exists()
 
 
 def test_base_with_other_shapes_is_refused(cli, tiny, records, tmp_path):
-    from train_fixtures import record_texts
-
-    from cellpuzzle_cli.tiny_model import TinyModelConfig, build_tiny_model
-
-    other = tmp_path / "wider"
-    build_tiny_model(other, record_texts(records), TinyModelConfig(vocab_size=1024, hidden_size=96))
+    other = tiny_model_dir(tmp_path / "wider", records, hidden_size=96)
     adapter = make_adapter(tiny, tmp_path / "adapter")
     result = cli("merge-lora", adapter, "--base", other, "-o", tmp_path / "merged")
-    assert_refused(result, "does not fit the base model", "size mismatch", "--base")
+    assert_user_error(result, "does not fit the base model", "size mismatch", "--base")
     assert not (tmp_path / "merged").exists()

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import assert_user_error
-from predict_fixtures import build_varied_model, make_records, write_records
+from fixtures import assert_user_error, make_records, tiny_model_dir, write_records
 
 from cellpuzzle_cli.config import build_config
 from cellpuzzle_cli.io import iter_jsonl
@@ -22,15 +21,18 @@ from cellpuzzle_cli.predict import PredictConfig, PredictSettings, run_predict
 from cellpuzzle_cli.predict.shards import Shard, select_shard
 
 LONG = ("puzzle-004", "puzzle-009")
+# Many background genes, so prompts differ from puzzle to puzzle and LONG ones can be long.
+SHAPE = {"background": 300, "long_ids": LONG}
 GEN = ["--backend", "hf", "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     base = tmp_path_factory.mktemp("predict")
-    records = make_records(12, long_ids=LONG)
+    records = make_records(12, **SHAPE)
     data = write_records(base / "test.jsonl", records)
-    model = build_varied_model(base / "model", records + make_records(20, seed=1))
+    model = tiny_model_dir(base / "model", records + make_records(20, seed=1, **SHAPE),
+                           vocab_size=4096, varied=True)
     return {"records": records, "data": data, "model": model, "base": base}
 
 
@@ -231,15 +233,31 @@ def test_vllm_backend_without_vllm_names_the_extra(cli, assets, tmp_path):
     assert not (tmp_path / "v" / "shard-0-of-1.jsonl").exists()
 
 
-def test_vllm_sampling_settings_match_the_hf_backend(assets):
+@pytest.mark.parametrize("settings", [{"max_new_tokens": 64},
+                                      {"temperature": 0.7, "top_p": 0.9, "n": 4, "seed": 3,
+                                       "min_new_tokens": 5}])
+def test_vllm_sampling_settings_match_the_hf_backend(assets, settings):
+    """Both backends must sample alike, or the same config gives other answers on a GPU."""
+    from cellpuzzle_cli.predict.hf_backend import HFBackend
+    from cellpuzzle_cli.predict.vllm_backend import sampling_kwargs
+
+    config = PredictConfig(**settings)
+    vllm = sampling_kwargs(config)
+    hf = HFBackend(assets["model"], config).generation_config
+    greedy = not hf.do_sample
+    assert (vllm["n"], vllm["max_tokens"]) == (hf.num_return_sequences, hf.max_new_tokens)
+    assert vllm.get("min_tokens") == hf.min_new_tokens
+    assert (vllm["temperature"] == 0) == greedy   # vLLM samples greedily at temperature 0
+    if not greedy:
+        assert (vllm["temperature"], vllm["top_p"]) == (hf.temperature, hf.top_p)
+    assert vllm["seed"] == config.seed
+
+
+def test_vllm_engine_settings_and_outputs(assets):
     from types import SimpleNamespace as NS
 
-    from cellpuzzle_cli.predict.vllm_backend import llm_kwargs, sampling_kwargs, to_generations
+    from cellpuzzle_cli.predict.vllm_backend import llm_kwargs, to_generations
 
-    greedy = sampling_kwargs(PredictConfig(max_new_tokens=64))
-    assert greedy == {"n": 1, "max_tokens": 64, "temperature": 0.0, "seed": 0}
-    sampled = sampling_kwargs(PredictConfig(temperature=0.7, top_p=0.9, n=4, seed=3))
-    assert (sampled["n"], sampled["temperature"], sampled["top_p"], sampled["seed"]) == (4, 0.7, 0.9, 3)
     kw = llm_kwargs(assets["model"], PredictConfig(tensor_parallel_size=2, max_model_len=4096), False)
     assert (kw["tensor_parallel_size"], kw["max_model_len"], kw["trust_remote_code"]) == (2, 4096, False)
     out = NS(prompt_token_ids=[1, 2, 3], outputs=[NS(text="a", token_ids=[5, 6]), NS(text="b", token_ids=[7])])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-import orjson
 import pytest
+from fixtures import gold_records, prediction_lines, write_records
 from test_answer import CASES, GOLD, tagged
 
 from cellpuzzle_cli.reward import compute_score, make_trl_reward, trl_reward
@@ -21,9 +21,8 @@ def test_reward_equals_scores_per_prediction_view(tmp_path):
     """Write the hand-made texts as a prediction file, judge it as `score` does, compare."""
     from cellpuzzle_cli.scoring import judge_run
 
-    path = tmp_path / "preds.jsonl"
-    recs = [{"puzzle_id": f"p{i}", "prediction": c[1], "answer": c[2]} for i, c in enumerate(CASES)]
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    lines = prediction_lines(gold_records([c[2] for c in CASES]), [c[1] for c in CASES])
+    path = write_records(tmp_path / "preds.jsonl", lines)
     judged = judge_run("run", [path])
     from_score = judge_run("run", [path], cello1_compat=True).reward.tolist()
     from_reward = [compute_score("cellpuzzle", c[1], c[2]) for c in CASES]
@@ -59,9 +58,7 @@ def test_trl_reward_reads_strings_and_chat_completions():
     out = trl_reward(prompts=["p"] * 4, completions=completions, completion_ids=[[1]] * 4,
                      ground_truth=[GOLD] * 4, n=[3] * 4)
     assert out == pytest.approx([1.0, 1 / 6, -1.0, -1.0])
-    assert trl_reward.__name__ == "cellpuzzle_cello1_reward"
     partial = make_trl_reward("partial")
-    assert partial.__name__ == "cellpuzzle_partial_reward"
     assert partial([tagged("NK cells | B cells | T cells")], ground_truth=[GOLD]) == pytest.approx([1 / 3])
     with pytest.raises(ValueError):
         make_trl_reward("bogus")

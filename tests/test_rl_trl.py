@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rl_fixtures import assert_exit2, make_rl_data, make_tiny_model
+from fixtures import assert_user_error, make_rl_data, tiny_model_dir
 
 # A few small steps: 2 prompts x 2 answers per step, short answers, no validation.
 SMALL = ["data.train_batch_size=2", "actor_rollout_ref.rollout.n=2",
@@ -19,7 +19,7 @@ SMALL = ["data.train_batch_size=2", "actor_rollout_ref.rollout.n=2",
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_trl")
     train, val = make_rl_data(root / "data", n_train=4, n_val=1)
-    return {"train": train, "val": val, "model": make_tiny_model(root / "model")}
+    return {"train": train, "val": val, "model": tiny_model_dir(root / "model")}
 
 
 def _args(inputs):
@@ -83,25 +83,25 @@ def test_trl_dry_run_maps_cello1_settings(cli, inputs):
 
 
 def test_trl_checks_keys_against_verl_schema(cli, inputs):
-    assert_exit2(cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.nn=2"),
-                 "actor_rollout_ref.rollout.nn")
+    result = cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.nn=2")
+    assert_user_error(result, "actor_rollout_ref.rollout.nn")
 
 
 def test_trl_group_size_must_allow_a_comparison(cli, inputs):
-    assert_exit2(cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.n=1"),
-                 "at least 2")
+    result = cli("rl", "grpo", "--dry-run", *_args(inputs), "actor_rollout_ref.rollout.n=1")
+    assert_user_error(result, "at least 2")
 
 
 def test_trl_refuses_existing_output(cli, inputs, tmp_path):
     out = tmp_path / "rl"
     out.mkdir()
     (out / "x").write_text("keep me")
-    assert_exit2(cli("rl", "grpo", *_args(inputs), *SMALL, "-o", out), "--overwrite")
+    assert_user_error(cli("rl", "grpo", *_args(inputs), *SMALL, "-o", out), "--overwrite")
     assert (out / "x").read_text() == "keep me"
 
 
 def test_flat_rewards_fail_the_run_when_asked(cli, inputs, tmp_path):
     out = tmp_path / "rl"
     result = cli("rl", "grpo", *_args(inputs), *SMALL, "-o", out, "--fail-on-flat-reward")
-    assert_exit2(result, "identical in all 2 round(s)", "Nothing was written")
+    assert_user_error(result, "identical in all 2 round(s)", "Nothing was written")
     assert not out.exists()

@@ -19,14 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CliResult, run_cli
-from rl_fixtures import (
-    assert_exit2,
+from fixtures import (
+    RL_SHAPE,
+    CliResult,
+    assert_user_error,
+    make_records,
     make_rl_data,
-    make_tiny_model,
-    synthetic_puzzles,
+    run_cli,
     teach_answer_format,
-    write_split_records,
+    tiny_model_dir,
+    write_records,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +51,9 @@ def job(tmp_path_factory):
     """to-parquet data and an init-model --tiny model taught the answer layout, in a manifest."""
     root = tmp_path_factory.mktemp("verl_cpu")
     manifest = root / "cellpuzzle.json"
-    puzzles = synthetic_puzzles(8)
-    split = write_split_records(root / "splits" / "train.jsonl", puzzles[:6])
-    test = write_split_records(root / "splits" / "test.jsonl", puzzles[6:])
+    records = make_records(8, **RL_SHAPE)
+    split = write_records(root / "splits" / "train.jsonl", records[:6])
+    test = write_records(root / "splits" / "test.jsonl", records[6:])
     for args in (["to-parquet", split, "-o", root / "rl-data", "--val-size", "2"],
                  ["init-model", "--tiny", "--data", split, "-o", root / "tiny"]):
         result = run_cli(*args, manifest=manifest)
@@ -65,7 +67,7 @@ def job(tmp_path_factory):
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("verl_cpu_small")
     train, val = make_rl_data(root / "data")
-    return {"train": train, "val": val, "model": make_tiny_model(root / "model"), "root": root}
+    return {"train": train, "val": val, "model": tiny_model_dir(root / "model"), "root": root}
 
 
 def _args(small):
@@ -209,7 +211,8 @@ def test_canary_stops_a_run_that_scores_with_another_reward(job, tmp_path):
                           "trainer.save_freq=40", f"reward.custom_reward_function.path={module}",
                           manifest=job["manifest"])
     print(f"canary run: {time.perf_counter() - started:.0f}s")
-    assert_exit2(result, "never called cellpuzzle's reward", "reward.custom_reward_function.path")
+    assert_user_error(result, "never called cellpuzzle's reward",
+                      "reward.custom_reward_function.path")
     logged = _jsonl(tmp_path / "rl" / "verl_metrics.jsonl")
     assert 1 <= len(logged) < 40  # stopped during the run, not after it
     assert not (tmp_path / "rl" / "global_step_40").exists()
@@ -232,10 +235,10 @@ def test_cpu_dry_run_sets_the_cpu_keys(cli, small, tmp_path):
 
 
 def test_cpu_refuses_what_it_cannot_run(cli, small):
-    assert_exit2(cli("rl", "grpo", "--device", "cpu", "--dry-run", *_args(small),
+    assert_user_error(cli("rl", "grpo", "--device", "cpu", "--dry-run", *_args(small),
                      "actor_rollout_ref.rollout.name=vllm"),
-                 "--device cpu needs actor_rollout_ref.rollout.name=hf")
-    assert_exit2(cli("rl", "grpo", "--device", "cpu", "--dry-run", *_args(small),
+                      "--device cpu needs actor_rollout_ref.rollout.name=hf")
+    assert_user_error(cli("rl", "grpo", "--device", "cpu", "--dry-run", *_args(small),
                      "--ray-address", "127.0.0.1:1"), "drop --ray-address")
 
 
@@ -303,7 +306,7 @@ def test_hf_rollout_server_generates_with_logprobs_and_takes_weights(small):
 def _refused_fast(cli, tmp_path, *args, fragments):
     started = time.perf_counter()
     result = cli("rl", *args, "-o", tmp_path / "out")
-    assert_exit2(result, *fragments)
+    assert_user_error(result, *fragments)
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "out").exists()  # nothing launched, nothing written
     return result

@@ -8,27 +8,36 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import assert_user_error
-from test_answer import GOLD, tagged
+from fixtures import (
+    answered,
+    assert_user_error,
+    gold_records,
+    make_records,
+    prediction_lines,
+    write_records,
+)
 
 from cellpuzzle_cli.manifest import Artifact, Manifest
 
-SWAPPED = tagged("NK cells | B cells | T cells")
+GOLD = "B cells | NK cells | T cells"
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
-    return path
+def three_cell_records(prefix: str = "p", count: int = 4) -> list[dict]:
+    """Test puzzles of three cells each, as split writes them; ids `{prefix}-000`, …"""
+    return make_records(count, n_cells=(3, 3), id_prefix=prefix)
+
+
+def swapped(gold: str) -> str:
+    """A legitimate answer with the first two cells' types exchanged: 1 of 3 cells right."""
+    first, second, *rest = gold.split(" | ")
+    return answered(" | ".join([second, first, *rest]))
 
 
 def four_predictions(prefix: str = "p") -> list[dict]:
-    """Correct, swapped (1 of 3), no tags, and a failed generation."""
-    base = {"answer": GOLD, "n": 3, "model": "m", "backend": "hf", "seconds": 0.1, "error": None}
-    return [{**base, "puzzle_id": f"{prefix}0", "prediction": tagged(GOLD)},
-            {**base, "puzzle_id": f"{prefix}1", "prediction": SWAPPED},
-            {**base, "puzzle_id": f"{prefix}2", "prediction": "B cells | NK cells | T cells"},
-            {**base, "puzzle_id": f"{prefix}3", "prediction": None, "error": "CUDA out of memory"}]
+    """predict's lines for three_cell_records(prefix): correct, swapped, no tags, failed."""
+    records = three_cell_records(prefix)
+    golds = [r["assistant_msg"] for r in records]
+    return prediction_lines(records, [answered(golds[0]), swapped(golds[1]), golds[2], None])
 
 
 def load(path: Path) -> dict:
@@ -36,7 +45,7 @@ def load(path: Path) -> dict:
 
 
 def test_metrics_and_json_keys(cli, tmp_path):
-    preds = write_jsonl(tmp_path / "preds.jsonl", four_predictions())
+    preds = write_records(tmp_path / "preds.jsonl", four_predictions())
     result = cli("score", preds, "--json", tmp_path / "r.json")
     assert result.code == 0, result.output
     assert "Cell accuracy" in result.output and "whitespace words" in result.output
@@ -64,16 +73,23 @@ def test_metrics_and_json_keys(cli, tmp_path):
 
 
 def test_same_seed_same_report(cli, tmp_path):
-    preds = write_jsonl(tmp_path / "preds.jsonl", four_predictions() * 1)
-    cli("score", preds, "--json", tmp_path / "a.json")
-    cli("score", preds, "--json", tmp_path / "b.json")
-    a, b = load(tmp_path / "a.json"), load(tmp_path / "b.json")
-    assert a["cell_accuracy_ci95"] == b["cell_accuracy_ci95"]
+    records = make_records(40, n_cells=(3, 6))  # sizes and scores varied enough to resample
+    texts = [answered(r["assistant_msg"]) if i % 3 else swapped(r["assistant_msg"])
+             for i, r in enumerate(records)]
+    preds = write_records(tmp_path / "preds.jsonl", prediction_lines(records, texts))
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        result = cli("score", preds, "--json", tmp_path / f"{name}.json", "--seed", seed)
+        assert result.code == 0, result.output
+    a, b, c = (load(tmp_path / f"{name}.json") for name in "abc")
+    assert a == b
+    # The interval is a real bootstrap (another seed moves it), so the equality above is earned.
+    assert a["cell_accuracy_ci95"] != c["cell_accuracy_ci95"]
 
 
 def test_cello1_compat_counts_extra_items_as_exact(cli, tmp_path):
-    rec = {"puzzle_id": "x", "answer": GOLD, "prediction": tagged(GOLD + " | Monocytes")}
-    preds = write_jsonl(tmp_path / "p.jsonl", [rec])
+    record = three_cell_records(count=1)[0]
+    extra = answered(record["assistant_msg"] + " | Monocytes")
+    preds = write_records(tmp_path / "p.jsonl", prediction_lines([record], [extra]))
     cli("score", preds, "--json", tmp_path / "a.json", "--bootstrap", "0")
     cli("score", preds, "--json", tmp_path / "b.json", "--cello1-compat")
     assert load(tmp_path / "a.json")["exact_match"] == 0.0
@@ -83,10 +99,12 @@ def test_cello1_compat_counts_extra_items_as_exact(cli, tmp_path):
 def test_folders_of_shards_and_several_runs_with_plot(cli, tmp_path):
     run_a, run_b = tmp_path / "runA", tmp_path / "runB"
     recs = four_predictions()
-    write_jsonl(run_a / "shard-0-of-2.jsonl", recs[:2])
-    write_jsonl(run_a / "shard-1-of-2.jsonl", recs[2:])
+    write_records(run_a / "shard-0-of-2.jsonl", recs[:2])
+    write_records(run_a / "shard-1-of-2.jsonl", recs[2:])
     (run_a / "predict.json").write_bytes(orjson.dumps({"backend": "hf"}))  # config: skipped
-    write_jsonl(run_b / "shard-0-of-1.jsonl", [{**r, "prediction": tagged(GOLD), "error": None} for r in recs])
+    records = three_cell_records()
+    write_records(run_b / "shard-0-of-1.jsonl",
+                  prediction_lines(records, [answered(r["assistant_msg"]) for r in records]))
     result = cli("score", run_a, run_b, "--json", tmp_path / "r.json", "--plot", tmp_path / "p.png")
     assert result.code == 0, result.output
     assert "runA" in result.output and "runB" in result.output
@@ -102,9 +120,12 @@ def test_cello1_per_example_json_folder_and_json_arrays(cli, tmp_path):
     folder = tmp_path / "cello1"
     folder.mkdir()
     # Cell-o1's inference writes one JSON object per example, gold in `answer` or `assistant_msg`.
-    (folder / "0.json").write_bytes(orjson.dumps({"answer": GOLD, "prediction": tagged(GOLD)}))
-    (folder / "1.json").write_bytes(orjson.dumps({"assistant_msg": GOLD, "prediction": SWAPPED}))
-    (folder / "2.json").write_bytes(orjson.dumps([{"answer": GOLD, "prediction": tagged(GOLD)}]))
+    # (Written by hand: this is Cell-o1's format, not ours.)
+    (folder / "0.json").write_bytes(orjson.dumps({"answer": GOLD, "prediction": answered(GOLD)}))
+    (folder / "1.json").write_bytes(orjson.dumps({"assistant_msg": GOLD,
+                                                  "prediction": swapped(GOLD)}))
+    (folder / "2.json").write_bytes(orjson.dumps([{"answer": GOLD,
+                                                   "prediction": answered(GOLD)}]))
     result = cli("score", folder, "--json", tmp_path / "r.json")
     assert result.code == 0, result.output
     r = load(tmp_path / "r.json")
@@ -112,26 +133,35 @@ def test_cello1_per_example_json_folder_and_json_arrays(cli, tmp_path):
 
 
 def test_duplicate_puzzle_names_both_files(cli, tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", four_predictions()[:2])
-    b = write_jsonl(tmp_path / "b.jsonl", four_predictions()[1:3])
-    assert_user_error(cli("score", a, b), "p1", "a.jsonl", "b.jsonl")
+    lines = four_predictions()
+    deep = tmp_path / ("a-folder-name-longer-than-a-line-" * 3)  # the panel folds the paths
+    a = write_records(deep / "a.jsonl", lines[:2])
+    b = write_records(deep / "b.jsonl", lines[1:3])
+    assert_user_error(cli("score", a, b), lines[1]["puzzle_id"], str(a), str(b))
 
 
 def test_reference_reports_missing_puzzles(cli, tmp_path):
-    preds = write_jsonl(tmp_path / "p.jsonl", four_predictions()[:3])
-    ref = write_jsonl(tmp_path / "test.jsonl", [{"puzzle_id": f"p{i}", "assistant_msg": GOLD} for i in range(5)])
+    test = three_cell_records(count=5)
+    preds = write_records(tmp_path / "p.jsonl", four_predictions()[:3])
+    ref = write_records(tmp_path / "test.jsonl", test)
     result = cli("score", preds, "--reference", ref, "--json", tmp_path / "r.json")
     assert result.code == 0, result.output
-    assert "p3" in result.output and "p4" in result.output
+    missing = [r["puzzle_id"] for r in test[3:]]
+    assert all(pid in result.output for pid in missing)
     r = load(tmp_path / "r.json")
-    assert r["missing"] == ["p3", "p4"] and r["missing_count"] == 2
+    assert r["missing"] == missing and r["missing_count"] == 2
 
 
 def test_gold_taken_from_reference_when_predictions_lack_it(cli, tmp_path):
-    preds = write_jsonl(tmp_path / "p.jsonl", [{"puzzle_id": "q", "prediction": tagged(GOLD)}])
+    record = three_cell_records(count=1)[0]
+    unlabelled = {k: v for k, v in record.items() if k != "assistant_msg"}  # predict's input
+    lines = prediction_lines([unlabelled], [answered(record["assistant_msg"])])
+    preds = write_records(tmp_path / "p.jsonl", lines)
     assert_user_error(cli("score", preds), "gold answer", "--reference")
-    ref = write_jsonl(tmp_path / "test.jsonl", [{"puzzle_id": "q", "assistant_msg": GOLD}])
-    assert cli("score", preds, "--reference", ref).code == 0
+    ref = write_records(tmp_path / "test.jsonl", [record])
+    result = cli("score", preds, "--reference", ref, "--json", tmp_path / "r.json")
+    assert result.code == 0, result.output
+    assert load(tmp_path / "r.json")["exact_match"] == 1.0
 
 
 def test_bad_inputs_are_user_errors(cli, tmp_path):
@@ -139,7 +169,7 @@ def test_bad_inputs_are_user_errors(cli, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prediction": "x", "answer": "a | b"}\n{not json\n')
     assert_user_error(cli("score", bad), "line 2")
-    split = write_jsonl(tmp_path / "split.jsonl", [{"user_msg": "x", "assistant_msg": GOLD}])
+    split = write_records(tmp_path / "split.jsonl", three_cell_records(count=2))
     assert_user_error(cli("score", split), "prediction")
     numbers = tmp_path / "numbers.jsonl"
     numbers.write_text("5\n6\n")
@@ -154,7 +184,8 @@ def test_tokenizer_lengths(cli, tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
-    preds = write_jsonl(tmp_path / "p.jsonl", [{"puzzle_id": "a", "answer": GOLD, "prediction": "<think>x</think>"}])
+    preds = write_records(tmp_path / "p.jsonl", prediction_lines(gold_records([GOLD]),
+                                                                 ["<think>x</think>"]))
     result = cli("score", preds, "--tokenizer", tmp_path / "tok", "--json", tmp_path / "r.json")
     assert result.code == 0, result.output
     r = load(tmp_path / "r.json")
@@ -164,7 +195,7 @@ def test_tokenizer_lengths(cli, tmp_path):
 
 # -- no argument: the latest predict run from the manifest ---------------------------------
 def record_shard(manifest: Path, out_dir: Path, i: int, n: int, complete: bool = True) -> Path:
-    shard = write_jsonl(out_dir / f"shard-{i}-of-{n}.jsonl", four_predictions(prefix=f"s{i}-"))
+    shard = write_records(out_dir / f"shard-{i}-of-{n}.jsonl", four_predictions(prefix=f"s{i}"))
     Manifest(manifest).record("predict", {"output_dir": str(out_dir), "num_shards": n, "shard": i,
                                           "complete": complete},
                               [], [Artifact(shard, "predictions")], time.time())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from train_fixtures import (
-    assert_refused,
+from fixtures import (
+    assert_user_error,
     foreign_model_dir,
     make_records,
     one_torch_thread,
@@ -75,19 +75,19 @@ def test_shipped_config_is_cello1_recipe():
 
 def test_unknown_config_key_suggests_the_right_one(cli, train_file, tiny, tmp_path):
     result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "a", "learning_rat=1")
-    assert_refused(result, "learning_rat", "did you mean 'learning_rate'", "valid keys")
+    assert_user_error(result, "learning_rat", "did you mean 'learning_rate'", "valid keys")
     assert not (tmp_path / "a").exists()
 
 
 def test_data_with_wrong_fields_is_refused(cli, tiny, tmp_path):
     bad = write_records(tmp_path / "bad.jsonl", [{"question": "Cell 1: CD3E", "answer": "T cell"}])
     result = cli("sft", "--model", tiny, "--data", bad, "-o", tmp_path / "a")
-    assert_refused(result, "lacks the field(s) user_msg, assistant_msg", "it has answer, question")
+    assert_user_error(result, "lacks the field(s) user_msg, assistant_msg", "it has answer, question")
 
 
 def test_no_model_and_empty_manifest_names_the_option(cli, train_file, tmp_path):
     result = cli("sft", "--data", train_file, "-o", tmp_path / "a")
-    assert_refused(result, "--model", "init-model")
+    assert_user_error(result, "--model", "init-model")
 
 
 # -- targets --------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_sft_lowers_training_loss_and_records_the_run(cli, train_file, tiny, rec
     assert after < before - 0.3, (before, after)
 
     again = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *FAST, "max_steps=1")
-    assert_refused(again, "already holds results", "--overwrite", "--resume")
+    assert_user_error(again, "already holds results", "--overwrite", "--resume")
 
 
 def test_foreign_model_trains(cli, train_file, foreign, tmp_path):
@@ -214,9 +214,9 @@ def test_resume_continues_from_kept_checkpoint(cli, train_file, tiny, tmp_path):
 def test_interrupted_run_asks_for_resume(cli, train_file, tiny, tmp_path):
     (tmp_path / ".adapter.checkpoints" / "checkpoint-3").mkdir(parents=True)
     result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "adapter")
-    assert_refused(result, "interrupted run", "--resume", "--overwrite")
+    assert_user_error(result, "interrupted run", "--resume", "--overwrite")
     nothing = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "other", "--resume")
-    assert_refused(nothing, "no checkpoint")
+    assert_user_error(nothing, "no checkpoint")
 
 
 # -- from-scratch options -------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_full_finetune_trains_every_weight_and_merge_lora_copies_it(cli, train_f
 
 def test_unknown_finetune_mode_is_refused(cli, train_file, tiny, tmp_path):
     result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "a", "finetune=half")
-    assert_refused(result, "'finetune' must be one of lora, full")
+    assert_user_error(result, "'finetune' must be one of lora, full")
 
 
 def test_two_processes_train_one_adapter(tmp_path, train_file, tiny):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import assert_user_error
-from predict_fixtures import make_records, write_records
+from fixtures import answered, assert_user_error, make_records, prediction_lines, write_records
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.records import ShardWriter, load_test_records, read_done
@@ -60,18 +59,22 @@ def test_records_without_ids_get_stable_ids_from_their_prompt(tmp_path):
         del r["puzzle_id"]
     first = load_test_records(write_records(tmp_path / "a.jsonl", records))
     again = load_test_records(write_records(tmp_path / "b.jsonl", records[::-1]))
-    assert sorted(r["puzzle_id"] for r in first) == sorted(r["puzzle_id"] for r in again)
+    ids = {r["user_msg"]: r["puzzle_id"] for r in first}
+    assert ids == {r["user_msg"]: r["puzzle_id"] for r in again}  # each prompt keeps its id
+    assert len(set(ids.values())) == len(records)
 
 
 def test_resume_drops_a_torn_last_line_and_keeps_whole_ones(tmp_path):
+    records = make_records(3)
+    a, b, c = (r["puzzle_id"] for r in records)
     path = tmp_path / "shard-0-of-1.jsonl"
-    ShardWriter(path).append([{"puzzle_id": "a", "prediction": "x"},
-                              {"puzzle_id": "b", "prediction": "y"}])
+    lines = prediction_lines(records[:2], [answered(r["assistant_msg"]) for r in records[:2]])
+    ShardWriter(path).append(lines)
     whole = path.read_bytes()
     with open(path, "ab") as fh:
-        fh.write(b'{"puzzle_id": "c", "predic')
-    done = read_done(path, {"a", "b", "c"})
-    assert sorted(done) == ["a", "b"]
+        fh.write(f'{{"puzzle_id": "{c}", "predic'.encode())
+    done = read_done(path, {a, b, c})
+    assert done == {a: lines[0], b: lines[1]}
     assert path.read_bytes() == whole  # the torn tail is gone, so the next append is clean
 
 

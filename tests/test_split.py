@@ -7,8 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import assert_user_error
-from puzzles_fixtures import TYPES, cell_rows, donors_dataset, write_cells
+from fixtures import TABLE_TYPES, assert_user_error, cell_rows, donors_dataset, write_cells
 
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
 from cellpuzzle_cli.puzzles import PuzzleConfig, make_puzzles
@@ -25,7 +24,7 @@ def puzzles(tmp_path: Path, n_donors: int = 6, per_n: int = 6, test_cells: float
     for ds in range(datasets):
         for d in range(n_donors):
             write_cells(cells / f"ds{ds}_d{d}.parquet",
-                        cell_rows(f"ds{ds}", f"D{d}", {t: cells_per_type for t in TYPES[:6]}))
+                        cell_rows(f"ds{ds}", f"D{d}", {t: cells_per_type for t in TABLE_TYPES[:6]}))
     out = tmp_path / "puzzles"
     make_puzzles(cells, out, PuzzleConfig(per_n=per_n, test_cells=test_cells))
     return out

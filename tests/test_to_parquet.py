@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from train_fixtures import assert_refused, make_records, write_records
+from fixtures import assert_user_error, make_records, write_records
 
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
 
@@ -90,13 +90,13 @@ def test_takes_the_latest_split_from_the_manifest(cli, tmp_path):
 
 def test_wrong_fields_and_existing_output_are_refused(cli, tmp_path):
     bad = write_records(tmp_path / "bad.jsonl", [{"user_msg": "Cell 1: CD3E", "label": "T cell"}])
-    assert_refused(cli("to-parquet", bad, "-o", tmp_path / "rl"), "assistant_msg", "label, user_msg")
+    assert_user_error(cli("to-parquet", bad, "-o", tmp_path / "rl"), "assistant_msg", "label, user_msg")
     train = write_records(tmp_path / "train.jsonl", make_records(5, seed=8))
     assert cli("to-parquet", train, "-o", tmp_path / "rl").code == 0
     again = cli("to-parquet", train, "-o", tmp_path / "rl")  # the same run: nothing to redo
     assert again.code == 0 and "is up to date" in again.output
     other = cli("to-parquet", train, "-o", tmp_path / "rl", "--val-size", "2")
-    assert_refused(other, "already holds results")
+    assert_user_error(other, "already holds results")
 
 
 def test_rl_rows_are_reusable():

@@ -10,6 +10,7 @@ gets `prediction: null` and the error, never the error text as its answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "PredictSettings",
     "Shard",
     "parse_shard",
+    "prediction_line",
     "run_predict",
     "shard_filename",
 ]
@@ -167,26 +169,45 @@ def generate_with_retry(backend: Backend, batch: list[dict[str, Any]]) -> list[_
     return generate_with_retry(backend, batch[:mid]) + generate_with_retry(backend, batch[mid:])
 
 
-def _line(record: dict[str, Any], outcome: _Outcome, backend: str, model: str) -> dict[str, Any]:
-    gen = outcome.generation
+def prediction_line(record: dict[str, Any], text: str | None, *, backend: str, model: str,
+                    error: str | None = None, samples: Sequence[str] = (), batch_size: int = 1,
+                    seconds: float = 0.0, prompt_tokens: int | None = None,
+                    completion_tokens: int | None = None) -> dict[str, Any]:
+    """One line of a shard file: the answer `text` (None when generation failed, see `error`)
+    to `record`, with the gold answer and size copied from it so `score` needs no other file.
+
+    The one place the line's fields and their order are defined; tests build lines with it.
+    """
     row: dict[str, Any] = {
         "puzzle_id": record["puzzle_id"],
-        "prediction": gen.texts[0] if gen else None,
+        "prediction": text,
         "answer": record.get("assistant_msg"),
         "n": puzzle_size(record),
         "model": model,
         "backend": backend,
-        "error": outcome.error,
-        "batch_size": outcome.batch_size,
-        "batch_seconds": round(outcome.seconds, 4),
-        "prompt_tokens": gen.prompt_tokens if gen else None,
-        "completion_tokens": gen.completion_tokens if gen else None,
+        "error": error,
+        "batch_size": batch_size,
+        "batch_seconds": round(seconds, 4),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
     }
-    if gen and len(gen.texts) > 1:
-        row["samples"] = gen.texts
+    if len(samples) > 1:
+        row["samples"] = list(samples)
     if record.get(IDS_FIELD) is not None:   # gold ontology IDs, for score's hierarchical metrics
         row[IDS_FIELD] = record[IDS_FIELD]
     return row
+
+
+def _line(record: dict[str, Any], outcome: _Outcome, backend: str, model: str) -> dict[str, Any]:
+    gen = outcome.generation
+    if gen is None:
+        return prediction_line(record, None, backend=backend, model=model, error=outcome.error,
+                               batch_size=outcome.batch_size, seconds=outcome.seconds)
+    return prediction_line(record, gen.texts[0], backend=backend, model=model,
+                           error=outcome.error, samples=gen.texts,
+                           batch_size=outcome.batch_size, seconds=outcome.seconds,
+                           prompt_tokens=gen.prompt_tokens,
+                           completion_tokens=gen.completion_tokens)
 
 
 def run_predict(settings: PredictSettings, progress: Progress | None = None,
