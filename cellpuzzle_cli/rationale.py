@@ -7,7 +7,9 @@ a reasoning skeleton:
 
 - `template` (default): one line per cell naming the genes among its top genes most specific to
   its gold type (markers.MarkerStats, fitted on the training puzzles only, so held-out puzzles
-  never leak into the targets), then the answer.
+  never leak into the targets), then the answer. With `k=0` genes the lines are bare
+  `Cell i -> type`: for a from-scratch model an explicit per-cell anchor (the cell number it
+  can look up in the question) is what makes the assignment learnable; the gene choice is not.
 - `none`: an empty `<think>` block, then the answer.
 
 A target that already holds a `<think>` block (e.g. CellPuzzles' `reasoning` split) is used as
@@ -28,7 +30,10 @@ MODES = ("template", "none")
 
 
 def cell_lines(cells: Sequence[Sequence[str]], types: Sequence[str], stats: Any, k: int) -> list[str]:
-    """`Cell i: g1, g2, g3 -> type`, with the genes `stats.evidence` finds for the gold type."""
+    """`Cell i: g1, g2, g3 -> type`, with the genes `stats.evidence` finds for the gold type;
+    bare `Cell i -> type` when `k` is 0."""
+    if k <= 0:
+        return [f"Cell {i} -> {cell_type}" for i, cell_type in enumerate(types, 1)]
     lines = []
     for i, (genes, cell_type) in enumerate(zip(cells, types), 1):
         evidence = stats.evidence(list(genes), cell_type, k=k)

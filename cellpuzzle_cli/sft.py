@@ -78,7 +78,7 @@ class SftSettings:
     # data
     eval_size: NonNegative = 0.05  # below 1: a fraction of the puzzles; else a count; 0: no eval
     rationale: Annotated[str, one_of(*RATIONALE_MODES)] = "template"  # see rationale.py
-    rationale_genes: Count = 3
+    rationale_genes: Annotated[int, Check(0)] = 3  # 0: bare `Cell i -> type` lines
     seed: Seed = 0
     # logging and checkpoints
     logging_steps: Count = 10

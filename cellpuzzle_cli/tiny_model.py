@@ -46,6 +46,7 @@ class TinyModelConfig:
     intermediate_size: Count | None = None  # None: twice hidden_size
     vocab_size: Count = 4096  # BPE vocabulary; whole-word tokens come on top
     whole_words: bool = True  # gene symbols and cell-type names of the puzzles as single tokens
+    min_gene_cells: Count = 2  # genes listed by fewer training cells stay BPE pieces
     max_position_embeddings: Count = 8192
     seed: Seed = 0
 
@@ -59,19 +60,29 @@ class TinyModelConfig:
         return self.heads // 2 if self.heads % 2 == 0 else self.heads
 
 
-def puzzle_words(records: Iterable[dict]) -> list[str]:
-    """Every gene symbol and candidate cell-type name in the puzzles, longest first.
+def puzzle_words(records: Iterable[dict], min_gene_cells: int = 2) -> list[str]:
+    """The puzzles' candidate cell-type names, and the gene symbols that `min_gene_cells` or more
+    distinct cells list; longest first.
 
     Added to the tokenizer as whole tokens, a cell type is one token the model can copy from
     the candidate list, instead of BPE pieces it can glue into a name that is no candidate.
+    Rarer genes stay BPE pieces: held-out cells bring genes no training cell had, and a model
+    that met BPE-spelled genes in training reads them as genes, where a whole token it never
+    trained is noise (measured: held-out cell accuracy 0.37 with every gene whole, 0.56 with
+    genes of one cell left to BPE; docs/benchmarks.md).
     """
+    from collections import Counter
+
     from cellpuzzle_cli.prompts import parse_question
 
-    words: set[str] = set()
+    types: set[str] = set()
+    cells: set[tuple[str, ...]] = set()
     for record in records:
-        cells, candidates = parse_question(str(record.get("user_msg") or ""))
-        words.update(g for genes in cells for g in genes)
-        words.update(candidates)
+        genes, candidates = parse_question(str(record.get("user_msg") or ""))
+        cells.update(tuple(g) for g in genes)
+        types.update(candidates)
+    listed_by = Counter(g for cell in cells for g in set(cell))
+    words = types | {g for g, n in listed_by.items() if n >= min_gene_cells}
     return sorted((w for w in words if w.strip()), key=lambda w: (-len(w), w))
 
 
@@ -156,7 +167,7 @@ def init_tiny_model(data: Path, out: Path, config: TinyModelConfig | None = None
         progress(0, total=1, description="init-model")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         config = config or TinyModelConfig()
-        params = build_tiny_model(tmp, texts, config, puzzle_words(records))
+        params = build_tiny_model(tmp, texts, config, puzzle_words(records, config.min_gene_cells))
         save_settings(tmp, "init-model", config)
         vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
     if progress:

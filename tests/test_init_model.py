@@ -75,7 +75,7 @@ def test_whole_words_keep_every_gene_and_candidate_as_one_token(cli, tmp_path):
     train = write_records(tmp_path / "train.jsonl", records)
     out = tmp_path / "tiny"
     result = cli("init-model", "--tiny", "-o", out, "--data", train, "--hidden-size", "32",
-                 "--layers", "3", "--heads", "2")
+                 "--layers", "3", "--heads", "2", "--min-gene-cells", "1")
     assert result.code == 0, result.output
     tok = AutoTokenizer.from_pretrained(out)
     config = AutoModelForCausalLM.from_pretrained(out).config
@@ -98,6 +98,14 @@ def test_whole_words_keep_every_gene_and_candidate_as_one_token(cli, tmp_path):
         assert tok.decode(answer, skip_special_tokens=True) == target
     for tag in ("<think>", "</think>", "<answer>", "</answer>", "<|im_start|>", "<|im_end|>"):
         assert len(tok(tag, add_special_tokens=False)["input_ids"]) == 1, tag
+
+    rare = tmp_path / "rare"
+    records[0]["user_msg"] = records[0]["user_msg"].replace("Cell 1: ", "Cell 1: ZNF9Q9, ", 1)
+    assert cli("init-model", "--tiny", "-o", rare, "--data",
+               write_records(tmp_path / "rare.jsonl", records)).code == 0
+    by_default = AutoTokenizer.from_pretrained(rare)  # a gene of a single cell stays BPE pieces
+    assert len(by_default("ZNF9Q9", add_special_tokens=False)["input_ids"]) > 1
+    assert len(by_default("CD19+ B", add_special_tokens=False)["input_ids"]) == 1
 
     plain = tmp_path / "plain"
     assert cli("init-model", "--tiny", "-o", plain, "--data", train, "--no-whole-words").code == 0

@@ -111,6 +111,19 @@ def test_template_rationale_uses_train_markers_and_keeps_given_traces(records):
     assert empty[0].startswith("<think>\n") and parse_answer(empty[0]).legitimate
 
 
+def test_template_without_genes_writes_one_bare_line_per_cell(records):
+    from cellpuzzle_cli.answer import parse_answer
+    from cellpuzzle_cli.rationale import build_targets
+
+    targets, counts = build_targets(records[:5], "template", fit_on=records, k=0)
+    assert counts == {"template": 5}
+    for rec, target in zip(records, targets):
+        items = rec["assistant_msg"].split(" | ")
+        think = target.split("</think>")[0].removeprefix("<think>").strip().splitlines()
+        assert think == [f"Cell {i} -> {t}" for i, t in enumerate(items, 1)]
+        assert parse_answer(target).items == items
+
+
 # -- labels ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["tiny", "foreign"])
 def test_labels_cover_only_the_assistant_turn(which, request, records, tmp_path):

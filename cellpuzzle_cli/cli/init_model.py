@@ -46,6 +46,11 @@ def init_model(
         help="Keep every gene symbol and cell-type name of the puzzles as one token, so the "
              "model copies whole candidate names; --no-whole-words: plain BPE.")]
     = TinyModelConfig.whole_words,
+    min_gene_cells: Annotated[int, typer.Option(
+        "--min-gene-cells", help="With --whole-words: a gene becomes one token only when this "
+                                 "many training cells list it; rarer genes stay BPE pieces, as "
+                                 "the genes of held-out cells that no training cell has.")]
+    = TinyModelConfig.min_gene_cells,
     seed: Seed = TinyModelConfig.seed,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -64,7 +69,8 @@ def init_model(
 
     started = start(ctx)
     settings = step_settings(ctx, TinyModelConfig, config, hidden_size=hidden_size,
-                             layers=layers, heads=heads, whole_words=whole_words, seed=seed)
+                             layers=layers, heads=heads, whole_words=whole_words,
+                             min_gene_cells=min_gene_cells, seed=seed)
     train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
     result = run_step(
         ctx, started, "init-model", params={**settings_dict(settings), "data": train},
