@@ -47,3 +47,12 @@ def test_spread_in_some_groups_is_healthy():
 def test_a_reward_that_was_never_called():
     health = reward_health([], group_size=4)
     assert health.never_called and "never called" in health.warning()
+
+
+def test_reward_trend_compares_the_first_and_last_fifth_of_the_rounds():
+    rounds = [[-1.0, 0.0]] * 2 + [[0.0, 0.5]] * 6 + [[0.5, 1.0]] * 2  # 10 rounds: fifths of 2
+    health = reward_health(_records(rounds), group_size=2)
+    assert health.mean_reward[0] == -0.5 and health.trend() == (-0.5, 0.75)
+    summary = health.summary()
+    assert summary["reward_first_fifth"] == -0.5 and summary["reward_last_fifth"] == 0.75
+    assert reward_health(_records([[0.0, 1.0]]), group_size=2).trend() is None

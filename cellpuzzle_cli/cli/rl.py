@@ -135,6 +135,11 @@ def _print_result(result) -> None:
         console.print(f"[green]GRPO (TRL)[/green] {result.steps} step(s); reward per logged step: "
                       f"{rewards or 'none logged'}; model -> {result.output} (curves: "
                       f"{result.output}/curves.png, metrics.jsonl)")
+        health = result.summary.get("reward_health") or {}
+        if health.get("reward_first_fifth") is not None:
+            first, last = health["reward_first_fifth"], health["reward_last_fifth"]
+            console.print(f"Mean reward, first fifth of the rounds -> last fifth: {first:.3f} -> "
+                          f"{last:.3f} ({'rising' if last > first else 'not rising'}).")
     else:
         if result.reward_calls is not None:
             console.print(f"Reward canary: verl called cellpuzzle's reward "

@@ -27,6 +27,16 @@ class RewardHealth:
     flat_rounds: list[bool] = field(default_factory=list)  # every group flat, per round
     legitimate: list[float] = field(default_factory=list)  # share of answers above −1, per round
     flat_values: set[float] = field(default_factory=set)  # the rewards of flat groups, e.g. −1
+    mean_reward: list[float] = field(default_factory=list)  # per round
+
+    def trend(self) -> tuple[float, float] | None:
+        """Mean reward over the first and the last fifth of the rounds (at least one round
+        each): did training raise it? None with fewer than two rounds."""
+        if self.rounds < 2:
+            return None
+        k = max(1, self.rounds // 5)
+        first, last = self.mean_reward[:k], self.mean_reward[-k:]
+        return sum(first) / len(first), sum(last) / len(last)
 
     @property
     def never_called(self) -> bool:
@@ -62,9 +72,12 @@ class RewardHealth:
         return None
 
     def summary(self) -> dict[str, Any]:
+        trend = self.trend()
         return {"rounds": self.rounds, "groups": self.groups, "flat_groups": self.flat_groups,
                 "flat_from_start": self.flat_from_start, "all_flat": self.all_flat,
-                "legitimate_share": self.legitimate}
+                "legitimate_share": self.legitimate, "mean_reward": self.mean_reward,
+                "reward_first_fifth": trend[0] if trend else None,
+                "reward_last_fifth": trend[1] if trend else None}
 
 
 def reward_health(records: Sequence[dict[str, Any]], group_size: int) -> RewardHealth:
@@ -83,4 +96,5 @@ def reward_health(records: Sequence[dict[str, Any]], group_size: int) -> RewardH
         health.flat_rounds.append(len(flat) == len(groups))
         health.flat_values.update(g[0] for g in flat)
         health.legitimate.append(sum(r > -1 for r in rewards) / len(rewards))
+        health.mean_reward.append(sum(rewards) / len(rewards))
     return health
