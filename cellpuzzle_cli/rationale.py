@@ -10,10 +10,6 @@ a reasoning skeleton:
   never leak into the targets), then the answer. With `k=0` genes the lines are bare
   `Cell i -> type`: for a from-scratch model an explicit per-cell anchor (the cell number it
   can look up in the question) is what makes the assignment learnable; the gene choice is not.
-- `copy`: one line per cell repeating its first `k` genes (all when `k=0`) from the question,
-  then its type: `Cell i: g1, g2, … -> type`. No statistics, nothing a model must guess; for
-  a from-scratch model the copy puts the genes right before the type it must name, so naming
-  it needs no long-range lookup.
 - `none`: an empty `<think>` block, then the answer.
 
 A target that already holds a `<think>` block (e.g. CellPuzzles' `reasoning` split) is used as
@@ -30,7 +26,7 @@ from cellpuzzle_cli.answer import THINK_OPEN, answer_items, format_prediction
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.prompts import parse_question
 
-MODES = ("template", "copy", "none")
+MODES = ("template", "none")
 
 
 def cell_lines(cells: Sequence[Sequence[str]], types: Sequence[str], stats: Any, k: int) -> list[str]:
@@ -46,22 +42,12 @@ def cell_lines(cells: Sequence[Sequence[str]], types: Sequence[str], stats: Any,
     return lines
 
 
-def copy_lines(cells: Sequence[Sequence[str]], types: Sequence[str], k: int) -> list[str]:
-    """`Cell i: g1, …, gk -> type` with the cell's own first `k` genes (all when `k` is 0)."""
-    return [f"Cell {i}: {', '.join(genes[:k] if k > 0 else genes)} -> {cell_type}"
-            for i, (genes, cell_type) in enumerate(zip(cells, types), 1)]
-
-
 def target_for(record: dict[str, Any], mode: str, stats: Any = None, k: int = 3) -> tuple[str, str]:
     """The assistant target for one record and how it was made (`kept`, `template`, `empty`)."""
     text = str(record["assistant_msg"])
     if THINK_OPEN in text:
         return text, "kept"
     items = answer_items(text)
-    if mode == "copy":
-        cells, _ = parse_question(str(record["user_msg"]))
-        if cells and len(cells) == len(items):
-            return format_prediction("\n".join(copy_lines(cells, items, k)), items), "copy"
     if mode == "template" and stats is not None:
         cells, _ = parse_question(str(record["user_msg"]))
         if cells and len(cells) == len(items):

@@ -124,23 +124,6 @@ def test_template_without_genes_writes_one_bare_line_per_cell(records):
         assert parse_answer(target).items == items
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_copy_rationale_repeats_each_cells_genes_before_its_type(records, k):
-    from cellpuzzle_cli.answer import parse_answer
-    from cellpuzzle_cli.prompts import parse_question
-    from cellpuzzle_cli.rationale import build_targets
-
-    targets, counts = build_targets(records[:5], "copy", k=k)
-    assert counts == {"copy": 5}
-    for rec, target in zip(records, targets):
-        items = rec["assistant_msg"].split(" | ")
-        cells, _ = parse_question(rec["user_msg"])
-        think = target.split("</think>")[0].removeprefix("<think>").strip().splitlines()
-        assert think == [f"Cell {i}: {', '.join(g[:k] if k else g)} -> {t}"
-                         for i, (g, t) in enumerate(zip(cells, items), 1)]
-        assert parse_answer(target).items == items
-
-
 # -- labels ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["tiny", "foreign"])
 def test_labels_cover_only_the_assistant_turn(which, request, records, tmp_path):

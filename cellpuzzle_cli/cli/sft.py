@@ -38,8 +38,8 @@ def sft(
     config: ConfigFile = None,
     rationale: Annotated[str | None, typer.Option(
         "--rationale", help="Targets without a <think> block get one: 'template' (marker genes "
-                            "learned from the training puzzles), 'copy' (each cell's own top "
-                            "genes, then its type) or 'none' (empty).")] = None,
+                            "learned from the training puzzles; with rationale_genes=0 bare "
+                            "'Cell i -> type' lines) or 'none' (empty).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted (or kept-checkpoint) run for this -o folder.")]
     = False,
