@@ -160,15 +160,12 @@ class MergePlan:
 
 def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None) -> MergePlan:
     """Which base to merge into (none for a full fine-tune), and the run's inputs."""
-    full = is_full_finetune(adapter)
-    if full:
-        base_model = str(Path(adapter).resolve())
-        inputs = [Artifact(Path(adapter), "adapter")]
-    else:
-        check_adapter(adapter)
-        recorded = manifest.base_model_of(adapter) if base is None else None
-        base_model = resolve_base(adapter, base, recorded)
-        inputs = [Artifact(Path(adapter), "adapter")]
-        if Path(base_model).exists():
-            inputs.append(Artifact(Path(base_model), "base_model"))
-    return MergePlan(base_model, inputs, full_model=full)
+    inputs = [Artifact(Path(adapter), "adapter")]
+    if is_full_finetune(adapter):
+        return MergePlan(str(Path(adapter).resolve()), inputs, full_model=True)
+    check_adapter(adapter)
+    recorded = manifest.base_model_of(adapter) if base is None else None
+    base_model = resolve_base(adapter, base, recorded)
+    if Path(base_model).exists():
+        inputs.append(Artifact(Path(base_model), "base_model"))
+    return MergePlan(base_model, inputs)

@@ -30,6 +30,7 @@ from cellpuzzle_cli.config import (
     Check,
     Count,
     Fraction,
+    NonNegative,
     Rate,
     Seed,
     check_settings,
@@ -43,7 +44,7 @@ from cellpuzzle_cli.rationale import MODES as RATIONALE_MODES
 from cellpuzzle_cli.splitting import holdout, read_training_records
 
 FINETUNE_MODES = ("lora", "full")
-NonNegative = Annotated[float, Check(0)]
+NonNegativeFloat = Annotated[float, Check(0)]  # config.NonNegative is for counts
 
 
 @dataclass
@@ -68,17 +69,17 @@ class SftSettings:
     per_device_train_batch_size: Count = 1
     per_device_eval_batch_size: Count = 1
     gradient_accumulation_steps: Count = 8
-    warmup_steps: NonNegative = 0.03  # below 1: a fraction of the training steps
+    warmup_steps: NonNegativeFloat = 0.03  # below 1: a fraction of the training steps
     lr_scheduler_type: str = "cosine"  # one of transformers' SchedulerType values
-    weight_decay: NonNegative = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     max_grad_norm: Annotated[float, Check(above=0)] = 1.0
     max_length: Count = 4096
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: bf16 exactly where CUDA supports it
     # data
-    eval_size: NonNegative = 0.05  # below 1: a fraction of the puzzles; else a count; 0: no eval
+    eval_size: NonNegativeFloat = 0.05  # below 1: a fraction of the puzzles; else a count; 0: no eval
     rationale: Annotated[str, one_of(*RATIONALE_MODES)] = "template"  # see rationale.py
-    rationale_genes: Annotated[int, Check(0)] = 3  # 0: bare `Cell i -> type` lines
+    rationale_genes: NonNegative = 3  # 0: bare `Cell i -> type` lines
     seed: Seed = 0
     # logging and checkpoints
     logging_steps: Count = 10
@@ -327,7 +328,6 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     from cellpuzzle_cli.distributed import is_main_process, world_size
 
     out = Path(out)
-    check_settings(settings)
     records = read_training_records(data)
     source = model_source(model)
     train_ex, eval_ex, counts = prepare_examples(records, settings)

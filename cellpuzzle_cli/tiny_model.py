@@ -60,7 +60,7 @@ class TinyModelConfig:
         return self.heads // 2 if self.heads % 2 == 0 else self.heads
 
 
-def puzzle_words(records: Iterable[dict], min_gene_cells: int = 2) -> list[str]:
+def puzzle_words(records: Iterable[dict], min_gene_cells: int) -> list[str]:
     """The puzzles' candidate cell-type names, and the gene symbols that `min_gene_cells` or more
     distinct cells list; longest first.
 
