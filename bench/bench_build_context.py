@@ -44,11 +44,11 @@ def child(path: Path, out: Path, workers: int, top_genes: int) -> None:
     """Run the service once and print a JSON line with its timings."""
     import shutil
 
-    from cellpuzzle_cli.context import ContextConfig, build_context
+    from cellpuzzle_cli.build_context import ContextSettings, build_context
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    result = build_context([path], out, ContextConfig(workers=workers, top_genes=top_genes))
+    result = build_context([path], out, ContextSettings(workers=workers, top_genes=top_genes))
     seconds = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     me = resource.getrusage(resource.RUSAGE_SELF)

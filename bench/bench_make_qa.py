@@ -40,8 +40,8 @@ def write_table(path: Path, n_cells: int, n_types: int, n_genes: int, seed: int)
 
 
 def main() -> None:
-    from cellpuzzle_cli.puzzles import (
-        PuzzleConfig,
+    from cellpuzzle_cli.make_qa import (
+        MakeQaSettings,
         find_cell_files,
         index_groups,
         load_cells,
@@ -66,7 +66,7 @@ def main() -> None:
         index_groups(loaded)
         t2 = time.perf_counter()
         result = make_puzzles(cells, Path(tmp) / "puzzles",
-                              PuzzleConfig(min_n=3, max_n=15, per_n=args.per_n, seed=0))
+                              MakeQaSettings(min_n=3, max_n=15, per_n=args.per_n, seed=0))
         t3 = time.perf_counter()
         size = result.puzzles_path.stat().st_size if result.puzzles_path.exists() else 0
 

@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 from cellpuzzle_cli.answer import format_answer
+from cellpuzzle_cli.init_model import InitModelSettings, build_tiny_model
 from cellpuzzle_cli.io import write_jsonl
-from cellpuzzle_cli.predict import PredictConfig, PredictSettings, run_predict
+from cellpuzzle_cli.predict.settings import PredictJob, PredictSettings
+from cellpuzzle_cli.predict.shard_run import run_predict
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
-from cellpuzzle_cli.tiny_model import TinyModelConfig, build_tiny_model
 
 # Real marker genes, so prompts tokenise like real ones (symbols, not numbered placeholders).
 GENES = ["CD3E", "CD3D", "CD2", "IL7R", "CCR7", "LEF1", "TCF7", "CD8A", "CD8B", "GZMK",
@@ -89,16 +90,16 @@ def _run(args, work: Path, torch) -> None:
     data = work / "test.jsonl"
     write_jsonl(data, records)
     model = work / "model"
-    cfg = TinyModelConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+    cfg = InitModelSettings(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                           layers=args.layers, heads=args.hidden // 64)
     params = build_tiny_model(model, [r["user_msg"] + "\n" + r["assistant_msg"] for r in records]
                               + [SYSTEM_PROMPT], cfg)
 
     rows = []
     for bs in (int(x) for x in args.batch_sizes.split(",")):
-        settings = PredictSettings(
+        settings = PredictJob(
             data=data, output_dir=work / f"out-bs{bs}", model=model,
-            config=PredictConfig(backend="hf", batch_size=bs, max_new_tokens=args.max_new_tokens,
+            config=PredictSettings(backend="hf", batch_size=bs, max_new_tokens=args.max_new_tokens,
                                  min_new_tokens=args.max_new_tokens))
         load1 = os.getloadavg()[0]
         cpu0 = _cpu_seconds()

@@ -37,7 +37,7 @@ def build_model(out: Path, texts: list[str], shape: dict[str, int], bf16: bool) 
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from cellpuzzle_cli.tiny_model import train_tokenizer
+    from cellpuzzle_cli.init_model import train_tokenizer
 
     tokenizer = train_tokenizer(texts, 4096)
     config = Qwen2Config(**{**shape, "vocab_size": max(shape["vocab_size"], len(tokenizer))},

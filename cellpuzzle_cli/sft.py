@@ -41,7 +41,7 @@ from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.prompts import record_messages
 from cellpuzzle_cli.rationale import MODES as RATIONALE_MODES
-from cellpuzzle_cli.splitting import holdout, read_training_records
+from cellpuzzle_cli.split import holdout, read_training_records
 
 FINETUNE_MODES = ("lora", "full")
 NonNegativeFloat = Annotated[float, Check(0)]  # config.NonNegative is for counts

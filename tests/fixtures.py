@@ -149,7 +149,7 @@ def make_puzzles(count: int = 40, seed: int = 0, *, n_cells: tuple[int, int] = (
 def make_records(count: int = 40, seed: int = 0, *, system_msg: str = SYSTEM_PROMPT,
                  **shape: Any) -> list[dict[str, Any]]:
     """The puzzles of `make_puzzles(count, seed, **shape)` as `split` writes them."""
-    from cellpuzzle_cli.splitting import split_record
+    from cellpuzzle_cli.split import split_record
 
     return [split_record(p, system_msg) for p in make_puzzles(count, seed, **shape)]
 
@@ -165,7 +165,7 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> Path:
 def make_rl_data(folder: Path, n_train: int = 4, n_val: int = 2, seed: int = 0
                  ) -> tuple[Path, Path]:
     """`train.parquet` and `val.parquet` of small puzzles, as `to-parquet` writes them."""
-    from cellpuzzle_cli.rl_data import rl_rows, write_parquet
+    from cellpuzzle_cli.to_parquet import rl_rows, write_parquet
 
     records = make_records(n_train + n_val, seed, **RL_SHAPE)
     folder = Path(folder)
@@ -203,7 +203,7 @@ def write_cells(path: Path, rows: list[dict[str, Any]]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cellpuzzle_cli.context.table import _schema
+    from cellpuzzle_cli.build_context.table import _schema
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=_schema(["sex"], with_ids=False)), path)
@@ -245,7 +245,7 @@ def answered(gold: str, think: str = "The marker genes decide.") -> str:
 def prediction_lines(records: Sequence[dict[str, Any]], texts: Sequence[str | None], *,
                      backend: str = "hf", model: str = "tiny-model") -> list[dict[str, Any]]:
     """predict's shard lines answering each record with its text (None: a failed generation)."""
-    from cellpuzzle_cli.predict import prediction_line
+    from cellpuzzle_cli.predict.shard_run import prediction_line
 
     return [prediction_line(r, t, backend=backend, model=model,
                             error=FAILED if t is None else None)
@@ -267,10 +267,10 @@ def tiny_model_dir(out: Path, records: Sequence[dict[str, Any]] | None = None, *
     initial weights by large random ones: a fresh tiny model answers every prompt with the
     same newline run, which would hide a batching bug (an answer landing on another puzzle).
     """
-    from cellpuzzle_cli.tiny_model import TinyModelConfig, build_tiny_model
+    from cellpuzzle_cli.init_model import InitModelSettings, build_tiny_model
 
     out = Path(out)
-    config = TinyModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, seed=seed)
+    config = InitModelSettings(vocab_size=vocab_size, hidden_size=hidden_size, seed=seed)
     build_tiny_model(out, _record_texts(records or make_records()), config)
     if varied:
         _scramble_weights(out, seed + 1)
@@ -307,7 +307,7 @@ def foreign_model_dir(out: Path, records: Sequence[dict[str, Any]] | None = None
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from cellpuzzle_cli.tiny_model import train_tokenizer
+    from cellpuzzle_cli.init_model import train_tokenizer
 
     tok = train_tokenizer(_record_texts(records or make_records()), 800)
     tok.add_special_tokens({"eos_token": "</s>", "bos_token": "<s>"})

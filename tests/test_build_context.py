@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fixtures import assert_user_error
 
+from cellpuzzle_cli.build_context import ContextSettings
 from cellpuzzle_cli.config import build_config
-from cellpuzzle_cli.context import ContextConfig
 from cellpuzzle_cli.synthetic import SyntheticSpec, write_synthetic_h5ad
 
 PBMC = Path(__import__("scanpy").__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
@@ -70,8 +70,8 @@ def test_pbmc_ranks_raw_x_and_matches_numpy(cli, tmp_path):
     assert all(r["batch_id"] is None for r in table)
     assert "peripheral blood mononuclear cells" in table[0]["context"]   # shipped YAML rule
 
-    saved = build_config(ContextConfig, out / "build-context.yaml")  # reloads as --config
-    assert saved == ContextConfig(top_genes=20, cell_type_col="bulk_labels")
+    saved = build_config(ContextSettings, out / "build-context.yaml")  # reloads as --config
+    assert saved == ContextSettings(top_genes=20, cell_type_col="bulk_labels")
     entry = json.loads(cli.manifest.read_text())["entries"][-1]
     assert entry["command"] == "build-context"
     assert entry["summary"]["files"][0]["matrix"] == "raw.X"
@@ -81,9 +81,9 @@ def test_pbmc_ranks_raw_x_and_matches_numpy(cli, tmp_path):
 
 @pytest.mark.skipif(not KANG.exists(), reason="shared/data/kang2018_pbmc.h5ad is not present")
 def test_kang_donors_and_feature_name_symbols(tmp_path):
-    from cellpuzzle_cli.context import ContextConfig, build_context
+    from cellpuzzle_cli.build_context import ContextSettings, build_context
 
-    result = build_context([KANG], tmp_path / "cells", ContextConfig(max_cells=2000, workers=1))
+    result = build_context([KANG], tmp_path / "cells", ContextSettings(max_cells=2000, workers=1))
     report = result.files[0]
     assert report.donors == 8 and report.cell_types == 8
     assert report.genes_from == "var.feature_name"
@@ -162,10 +162,10 @@ def test_folder_tree_is_mirrored(cli, tmp_path):
 
 
 def test_max_cells_is_seeded_and_workers_do_not_change_bytes(synth, tmp_path):
-    from cellpuzzle_cli.context import ContextConfig, build_context
+    from cellpuzzle_cli.build_context import ContextSettings, build_context
 
     def run(name: str, seed: int, workers: int = 1) -> bytes:
-        cfg = ContextConfig(max_cells=100, seed=seed, workers=workers, chunk_cells=32)
+        cfg = ContextSettings(max_cells=100, seed=seed, workers=workers, chunk_cells=32)
         result = build_context([synth], tmp_path / name, cfg)
         assert result.files[0].cells_kept == 100
         assert result.files[0].dropped_subsample > 0
@@ -178,14 +178,14 @@ def test_max_cells_is_seeded_and_workers_do_not_change_bytes(synth, tmp_path):
 
 
 def test_dense_x_gives_the_same_tables(tmp_path):
-    from cellpuzzle_cli.context import ContextConfig, build_context
+    from cellpuzzle_cli.build_context import ContextSettings, build_context
 
     spec = SyntheticSpec(n_cells=120, n_genes=90, nnz_per_cell=20, seed=5)
     write_synthetic_h5ad(tmp_path / "in" / "sparse.h5ad", spec)
     write_synthetic_h5ad(tmp_path / "in2" / "sparse.h5ad", SyntheticSpec(**{**spec.__dict__,
                                                                           "dense": True}))
-    build_context([tmp_path / "in"], tmp_path / "a", ContextConfig(workers=1))
-    build_context([tmp_path / "in2"], tmp_path / "b", ContextConfig(workers=1, chunk_cells=50))
+    build_context([tmp_path / "in"], tmp_path / "a", ContextSettings(workers=1))
+    build_context([tmp_path / "in2"], tmp_path / "b", ContextSettings(workers=1, chunk_cells=50))
     a = read_table(tmp_path / "a" / "sparse.parquet")
     b = read_table(tmp_path / "b" / "sparse.parquet")
     assert a.column("top_genes").to_pylist() == b.column("top_genes").to_pylist()
@@ -197,7 +197,7 @@ def test_counts_layer_when_x_is_scaled_and_no_raw(tmp_path):
     import pandas as pd
     import scipy.sparse as sp
 
-    from cellpuzzle_cli.context import ContextConfig, build_context
+    from cellpuzzle_cli.build_context import ContextSettings, build_context
 
     rng = np.random.default_rng(0)
     counts = rng.poisson(1.0, (30, 12)).astype(np.float32)
@@ -209,7 +209,7 @@ def test_counts_layer_when_x_is_scaled_and_no_raw(tmp_path):
     adata = anndata.AnnData(scaled, obs=obs, var=var, layers={"counts": sp.csr_matrix(counts)})
     adata.write_h5ad(tmp_path / "scaled.h5ad")
     result = build_context([tmp_path / "scaled.h5ad"], tmp_path / "out",
-                           ContextConfig(top_genes=5, workers=1))
+                           ContextSettings(top_genes=5, workers=1))
     assert result.files[0].matrix == "layers['counts']"
     table = read_table(tmp_path / "out" / "scaled.parquet").to_pylist()
     names = np.asarray(var.index)
@@ -222,7 +222,7 @@ def test_csc_matrix_is_read_whole_with_a_warning(tmp_path):
     import pandas as pd
     import scipy.sparse as sp
 
-    from cellpuzzle_cli.context import ContextConfig, build_context
+    from cellpuzzle_cli.build_context import ContextSettings, build_context
 
     rng = np.random.default_rng(2)
     counts = (rng.poisson(0.7, (40, 25)) * rng.integers(1, 4, (40, 25))).astype(np.float32)
@@ -231,7 +231,7 @@ def test_csc_matrix_is_read_whole_with_a_warning(tmp_path):
     var = pd.DataFrame(index=[f"G{i}" for i in range(25)])
     anndata.AnnData(sp.csc_matrix(counts), obs=obs, var=var).write_h5ad(tmp_path / "csc.h5ad")
     result = build_context([tmp_path / "csc.h5ad"], tmp_path / "out",
-                           ContextConfig(top_genes=6, workers=2, chunk_cells=16))
+                           ContextSettings(top_genes=6, workers=2, chunk_cells=16))
     assert any("CSC" in w for w in result.warnings)
     table = read_table(tmp_path / "out" / "csc.parquet").column("top_genes").to_pylist()
     assert table == [expected_top(counts[i], np.asarray(var.index), 6) for i in range(40)]
@@ -265,7 +265,7 @@ def test_custom_context_config(cli, synth, tmp_path):
 
 
 def test_shipped_context_config_loads():
-    from cellpuzzle_cli.context import load_context_fields
+    from cellpuzzle_cli.build_context import load_context_fields
 
     fields = load_context_fields()
     assert [f.column for f in fields.fields][:5] == ["sex", "development_stage",
@@ -278,7 +278,7 @@ def test_shipped_context_config_loads():
 def test_topk_matches_reference_with_ties_nan_and_negatives():
     import scipy.sparse as sp
 
-    from cellpuzzle_cli.context import topk_csr, topk_dense
+    from cellpuzzle_cli.build_context import topk_csr, topk_dense
 
     rng = np.random.default_rng(1)
     for trial in range(120):
@@ -301,8 +301,8 @@ def test_topk_threshold_guess_is_checked(monkeypatch):
     """Rows built so that sampling every 8th value overestimates the k-th largest."""
     import scipy.sparse as sp
 
-    from cellpuzzle_cli.context import topk as context
-    from cellpuzzle_cli.context import topk_csr
+    from cellpuzzle_cli.build_context import topk as context
+    from cellpuzzle_cli.build_context import topk_csr
 
     redone = []
     exact = context._exact_thresholds
@@ -330,7 +330,7 @@ def test_row_reader_matches_anndata(synth, inflater, monkeypatch):
 
     import anndata
 
-    from cellpuzzle_cli.context import rows as context
+    from cellpuzzle_cli.build_context import rows as context
 
     if inflater == "zlib":
         monkeypatch.setattr(context, "_inflater",

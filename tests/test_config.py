@@ -53,23 +53,23 @@ def test_the_shipped_recipe_files_are_valid_settings_for_their_commands():
     """`make demo` loads these with --config: a renamed key must fail here, not 12 minutes in."""
     from pathlib import Path
 
+    from cellpuzzle_cli.build_context import ContextSettings
     from cellpuzzle_cli.config import build_config
-    from cellpuzzle_cli.context import ContextConfig
-    from cellpuzzle_cli.predict.settings import PredictConfig
-    from cellpuzzle_cli.puzzles import PuzzleConfig
+    from cellpuzzle_cli.init_model import InitModelSettings
+    from cellpuzzle_cli.make_qa import MakeQaSettings
+    from cellpuzzle_cli.predict.settings import PredictSettings
     from cellpuzzle_cli.rl.settings import load_settings
-    from cellpuzzle_cli.rl_data import ToParquetSettings
     from cellpuzzle_cli.sft import SftSettings
-    from cellpuzzle_cli.splitting import SplitConfig
-    from cellpuzzle_cli.tiny_model import TinyModelConfig
+    from cellpuzzle_cli.split import SplitSettings
+    from cellpuzzle_cli.to_parquet import ToParquetSettings
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny-pbmc"
-    classes = {"build-context": ContextConfig, "make-qa": PuzzleConfig, "split": SplitConfig,
-               "init-model": TinyModelConfig, "sft": SftSettings, "predict": PredictConfig,
+    classes = {"build-context": ContextSettings, "make-qa": MakeQaSettings, "split": SplitSettings,
+               "init-model": InitModelSettings, "sft": SftSettings, "predict": PredictSettings,
                "to-parquet": ToParquetSettings}
     assert {p.stem for p in recipe.glob("*.yaml")} == {*classes, "rl-grpo"}
     for step, cls in classes.items():
         build_config(cls, recipe / f"{step}.yaml")
-    assert (recipe / build_config(SplitConfig, recipe / "split.yaml").system_prompt_file.name).is_file()
+    assert (recipe / build_config(SplitSettings, recipe / "split.yaml").system_prompt_file.name).is_file()
     rl = load_settings("grpo", recipe / "rl-grpo.yaml", {})
     assert rl.ours.backend == "trl"

@@ -230,12 +230,12 @@ def test_bad_values_are_refused_before_any_work(pipeline, tmp_path, args, fragme
 
 def test_a_yaml_file_and_overrides_read_numbers_alike(pipeline, tmp_path):
     from cellpuzzle_cli.config import build_config, parse_overrides
-    from cellpuzzle_cli.predict import PredictConfig
+    from cellpuzzle_cli.predict.settings import PredictSettings
 
     path = tmp_path / "p.yaml"
     path.write_text("temperature: 7e-1\ntop_p: 5e-1\n")
-    from_file = build_config(PredictConfig, path)
-    from_overrides = build_config(PredictConfig, None,
+    from_file = build_config(PredictSettings, path)
+    from_overrides = build_config(PredictSettings, None,
                                   parse_overrides(["temperature=7e-1", "top_p=5e-1"]))
     assert from_file == from_overrides and from_file.temperature == 0.7
 

@@ -132,8 +132,8 @@ def test_hierarchical_metrics_equal_hand_computed_values(tmp_path):
     |A(gold)| 2 (+1). So hP = (6 + 5) / (9 + 5) = 11/14 and hR = 11/15.
     """
     from cellpuzzle_cli.ontology import CellOntology
-    from cellpuzzle_cli.scoring import judge_run
-    from cellpuzzle_cli.scoring.hierarchy import hierarchical
+    from cellpuzzle_cli.score.hierarchy import hierarchical
+    from cellpuzzle_cli.score.judging import judge_run
 
     gold = "CD4-positive, alpha-beta T cell | B cell"
     answers = ["CD4-positive, alpha-beta T cell", "T cell", "naive CD4 T cell",
@@ -153,8 +153,8 @@ def test_hierarchical_metrics_equal_hand_computed_values(tmp_path):
 def test_relations_on_the_shipped_cell_ontology(tmp_path):
     """Real CL: T cell is an ancestor of CD4 αβ T cells, a naive CD4 αβ T cell a descendant,
     CD8 αβ T cells a sibling (unrelated); an unknown label is unmapped; a label table works."""
-    from cellpuzzle_cli.scoring import judge_run
-    from cellpuzzle_cli.scoring.hierarchy import hierarchical, read_label_ids
+    from cellpuzzle_cli.score.hierarchy import hierarchical, read_label_ids
+    from cellpuzzle_cli.score.judging import judge_run
 
     gold = "CD4 T | B"
     answers = ["T cell", "naive thymus-derived CD4-positive, alpha-beta T cell", "CD8 T",
@@ -172,7 +172,7 @@ def test_relations_on_the_shipped_cell_ontology(tmp_path):
 
 def test_label_table_errors_name_the_fix(tmp_path):
     from cellpuzzle_cli.errors import UserError
-    from cellpuzzle_cli.scoring.hierarchy import read_label_ids
+    from cellpuzzle_cli.score.hierarchy import read_label_ids
 
     bad = tmp_path / "bad.tsv"
     bad.write_text("B cell\tCL:0000236\nT cell CL:0000084\n")
@@ -184,8 +184,8 @@ def test_label_table_errors_name_the_fix(tmp_path):
 def test_per_type_metrics_equal_scikit_learn(tmp_path):
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-    from cellpuzzle_cli.scoring import judge_run
-    from cellpuzzle_cli.scoring.per_type import NONE, per_type
+    from cellpuzzle_cli.score.judging import judge_run
+    from cellpuzzle_cli.score.per_type import NONE, per_type
 
     types = ["B cell", "T cell", "NK cell", "monocyte", "platelet"]
     rng = np.random.default_rng(7)
@@ -215,7 +215,7 @@ def test_per_type_metrics_equal_scikit_learn(tmp_path):
 
 
 def test_chance_in_json_and_table(tmp_path):
-    from cellpuzzle_cli.scoring.chance import chance
+    from cellpuzzle_cli.score.chance import chance
 
     sizes = np.array([3, 3, 5])
     assert chance(sizes) == pytest.approx({"chance_cell_accuracy": 3 / 11,

@@ -12,8 +12,8 @@ from fixtures import TABLE_TYPES, assert_user_error, cell_rows, donors_dataset, 
 
 from cellpuzzle_cli.answer import ANSWER_SEPARATOR
 from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.make_qa import MakeQaSettings, count_cell_sets, make_puzzles
 from cellpuzzle_cli.prompts import parse_question
-from cellpuzzle_cli.puzzles import PuzzleConfig, count_cell_sets, make_puzzles
 
 
 def read_puzzles(out: Path) -> list[dict]:
@@ -32,7 +32,7 @@ def cell_types_by_id(cells_dir: Path) -> dict[str, str]:
 
 def test_every_puzzle_is_a_valid_cellpuzzle(tmp_path):
     cells = donors_dataset(tmp_path / "cells", n_donors=3, n_types=6)
-    result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(per_n=4, seed=1))
+    result = make_puzzles(cells, tmp_path / "out", MakeQaSettings(per_n=4, seed=1))
     puzzles = read_puzzles(tmp_path / "out")
     truth = cell_types_by_id(cells)
     assert len(puzzles) == result.n_puzzles == 3 * 4 * 4  # donors × N in 3..6 × quota
@@ -56,8 +56,8 @@ def test_every_puzzle_is_a_valid_cellpuzzle(tmp_path):
 
 def test_sort_candidates_sorts_without_changing_the_cells(tmp_path):
     cells = donors_dataset(tmp_path / "cells", n_donors=2)
-    make_puzzles(cells, tmp_path / "shuffled", PuzzleConfig(per_n=3))
-    make_puzzles(cells, tmp_path / "sorted", PuzzleConfig(per_n=3, sort_candidates=True))
+    make_puzzles(cells, tmp_path / "shuffled", MakeQaSettings(per_n=3))
+    make_puzzles(cells, tmp_path / "sorted", MakeQaSettings(per_n=3, sort_candidates=True))
     shuffled, ordered = read_puzzles(tmp_path / "shuffled"), read_puzzles(tmp_path / "sorted")
     assert all(p["candidates"] == sorted(p["candidates"]) for p in ordered)
     assert [p["cell_ids"] for p in shuffled] == [p["cell_ids"] for p in ordered]
@@ -68,7 +68,7 @@ def test_quota_type_limits_and_skipped_groups(tmp_path):
     cells = tmp_path / "cells"
     write_cells(cells / "big.parquet", cell_rows("ds", "rich", {t: 5 for t in TABLE_TYPES[:5]}))
     write_cells(cells / "few.parquet", cell_rows("ds", "poor", {t: 5 for t in TABLE_TYPES[:2]}))
-    result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(min_n=3, max_n=15, per_n=7))
+    result = make_puzzles(cells, tmp_path / "out", MakeQaSettings(min_n=3, max_n=15, per_n=7))
     assert result.groups_used == 1 and result.groups_skipped == 1
     assert "ds:poor (2 types)" in result.skipped_examples[0]
     # N above the group's 5 types is skipped for it; each N gets exactly the quota.
@@ -80,7 +80,7 @@ def test_quota_type_limits_and_skipped_groups(tmp_path):
 def test_no_duplicate_cell_sets_and_shortfall_is_reported(tmp_path):
     # One cell per type, 4 types: only C(4,3) = 4 distinct sets of 3 and 1 set of 4 exist.
     cells = write_cells(tmp_path / "c.parquet", cell_rows("ds", "D", {t: 1 for t in TABLE_TYPES[:4]}))
-    result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(per_n=10))
+    result = make_puzzles(cells, tmp_path / "out", MakeQaSettings(per_n=10))
     puzzles = read_puzzles(tmp_path / "out")
     assert result.puzzles_per_n == {3: 4, 4: 1}
     assert result.short_per_n == {3: 6, 4: 9}
@@ -93,8 +93,8 @@ def test_batches_make_separate_groups_unless_ignored(tmp_path):
     for batch in ("b1", "b2"):
         write_cells(cells / f"{batch}.parquet",
                     cell_rows("ds", "D1", {t: 3 for t in TABLE_TYPES[:3]}, batch=batch))
-    make_puzzles(cells, tmp_path / "by_batch", PuzzleConfig(per_n=2))
-    make_puzzles(cells, tmp_path / "merged", PuzzleConfig(per_n=2, ignore_batch=True))
+    make_puzzles(cells, tmp_path / "by_batch", MakeQaSettings(per_n=2))
+    make_puzzles(cells, tmp_path / "merged", MakeQaSettings(per_n=2, ignore_batch=True))
     by_batch = read_puzzles(tmp_path / "by_batch")
     assert sorted({p["group"] for p in by_batch}) == ["D1/b1", "D1/b2"]
     for p in by_batch:
@@ -106,14 +106,14 @@ def test_mixed_contexts_use_the_most_common_and_are_counted(tmp_path):
     rows = (cell_rows("ds", "D", {t: 2 for t in TABLE_TYPES[:3]}, batch=None, context="Blood.")
             + cell_rows("ds", "D", {TABLE_TYPES[3]: 1}, batch=None, context="Lung."))
     cells = write_cells(tmp_path / "c.parquet", rows)
-    result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(min_n=4, max_n=4, per_n=3))
+    result = make_puzzles(cells, tmp_path / "out", MakeQaSettings(min_n=4, max_n=4, per_n=3))
     assert result.mixed_context == 3
     assert all(p["question"].startswith("Blood.\n") for p in read_puzzles(tmp_path / "out"))
 
 
 def test_test_cells_folds_use_disjoint_cells(tmp_path):
     cells = donors_dataset(tmp_path / "cells", n_donors=1, cells_per_type=10, n_types=5)
-    result = make_puzzles(cells, tmp_path / "out", PuzzleConfig(per_n=10, test_cells=0.3))
+    result = make_puzzles(cells, tmp_path / "out", MakeQaSettings(per_n=10, test_cells=0.3))
     puzzles = read_puzzles(tmp_path / "out")
     used = defaultdict(set)
     for p in puzzles:
@@ -132,8 +132,8 @@ def test_cli_is_deterministic_and_seeded(tmp_path, cli):
     for name in ("puzzles.jsonl", "make-qa.yaml"):
         assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes()
     assert (runs[0] / "puzzles.jsonl").read_bytes() != (runs[2] / "puzzles.jsonl").read_bytes()
-    saved = build_config(PuzzleConfig, runs[0] / "make-qa.yaml")
-    assert saved == PuzzleConfig(per_n=5, seed=7)
+    saved = build_config(MakeQaSettings, runs[0] / "make-qa.yaml")
+    assert saved == MakeQaSettings(per_n=5, seed=7)
     again = cli("make-qa", cells, "-o", tmp_path / "again", "--config", runs[0] / "make-qa.yaml")
     assert again.code == 0, again.output
     assert (tmp_path / "again" / "puzzles.jsonl").read_bytes() == \

@@ -17,7 +17,8 @@ from fixtures import assert_user_error, make_records, tiny_model_dir, write_reco
 from cellpuzzle_cli.config import build_config
 from cellpuzzle_cli.io import iter_jsonl
 from cellpuzzle_cli.manifest import Artifact, Manifest
-from cellpuzzle_cli.predict import PredictConfig, PredictSettings, run_predict
+from cellpuzzle_cli.predict.settings import PredictJob, PredictSettings
+from cellpuzzle_cli.predict.shard_run import run_predict
 from cellpuzzle_cli.predict.shards import Shard, select_shard
 
 LONG = ("puzzle-004", "puzzle-009")
@@ -60,7 +61,7 @@ def reference_answers(model_dir: Path, records: list[dict], max_new_tokens: int)
 
 
 def test_shipped_config_loads_with_overrides():
-    cfg = build_config(PredictConfig, None, {"temperature": 0.7, "n": 4}, default_file="predict.yaml")
+    cfg = build_config(PredictSettings, None, {"temperature": 0.7, "n": 4}, default_file="predict.yaml")
     assert (cfg.backend, cfg.temperature, cfg.n, cfg.max_new_tokens) == ("auto", 0.7, 4, 1024)
 
 
@@ -85,7 +86,7 @@ def test_hf_backend_batched_lines_equal_one_at_a_time_generation(cli, assets, tm
         assert row["error"] is None and row["completion_tokens"] == 6 and row["prompt_tokens"] > 50
     run = orjson.loads((out / ".predict-run.json").read_bytes())
     assert run["max_new_tokens"] == 6
-    saved = build_config(PredictConfig, out / "predict.yaml")  # reloads as a --config file
+    saved = build_config(PredictSettings, out / "predict.yaml")  # reloads as a --config file
     assert saved.max_new_tokens == 6 and saved.batch_size == 5 and saved.backend == "hf"
 
 
@@ -182,9 +183,9 @@ class FlakyBackend:
 def test_out_of_memory_batch_is_retried_smaller_and_answers_stay_real(assets, tmp_path):
     from cellpuzzle_cli.predict.hf_backend import GQA_ATTENTION, HFBackend
 
-    cfg = PredictConfig(backend="hf", max_new_tokens=4, batch_size=8)
+    cfg = PredictSettings(backend="hf", max_new_tokens=4, batch_size=8)
     flaky = FlakyBackend(HFBackend(assets["model"], cfg), marked="puzzle-002")
-    settings = PredictSettings(data=assets["data"], output_dir=tmp_path / "p",
+    settings = PredictJob(data=assets["data"], output_dir=tmp_path / "p",
                                model=assets["model"], config=cfg)
     result = run_predict(settings, backend_obj=flaky)
     assert result.errors == 0 and result.generated == 12
@@ -241,7 +242,7 @@ def test_vllm_sampling_settings_match_the_hf_backend(assets, settings):
     from cellpuzzle_cli.predict.hf_backend import HFBackend
     from cellpuzzle_cli.predict.vllm_backend import sampling_kwargs
 
-    config = PredictConfig(**settings)
+    config = PredictSettings(**settings)
     vllm = sampling_kwargs(config)
     hf = HFBackend(assets["model"], config).generation_config
     greedy = not hf.do_sample
@@ -258,7 +259,7 @@ def test_vllm_engine_settings_and_outputs(assets):
 
     from cellpuzzle_cli.predict.vllm_backend import llm_kwargs, to_generations
 
-    kw = llm_kwargs(assets["model"], PredictConfig(tensor_parallel_size=2, max_model_len=4096), False)
+    kw = llm_kwargs(assets["model"], PredictSettings(tensor_parallel_size=2, max_model_len=4096), False)
     assert (kw["tensor_parallel_size"], kw["max_model_len"], kw["trust_remote_code"]) == (2, 4096, False)
     out = NS(prompt_token_ids=[1, 2, 3], outputs=[NS(text="a", token_ids=[5, 6]), NS(text="b", token_ids=[7])])
     gen = to_generations([out])[0]

@@ -19,7 +19,7 @@ def test_reward_on_hand_made_texts(name, text, gold, legit, correct, exact, uniq
 
 def test_reward_equals_scores_per_prediction_view(tmp_path):
     """Write the hand-made texts as a prediction file, judge it as `score` does, compare."""
-    from cellpuzzle_cli.scoring import judge_run
+    from cellpuzzle_cli.score.judging import judge_run
 
     lines = prediction_lines(gold_records([c[2] for c in CASES]), [c[1] for c in CASES])
     path = write_records(tmp_path / "preds.jsonl", lines)

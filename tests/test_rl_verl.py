@@ -33,7 +33,7 @@ def _compose(result_overrides):
 
 def _dry(algorithm, inputs, *extra, **kw):
     from cellpuzzle_cli.manifest import Manifest
-    from cellpuzzle_cli.rl import RLRequest, run_rl
+    from cellpuzzle_cli.rl.run import RLRequest, run_rl
 
     req = RLRequest(algorithm=algorithm, dry_run=True, train=inputs["train"], val=inputs["val"],
                     model=inputs["model"], **kw)
@@ -250,7 +250,7 @@ def test_nested_yaml_config_file_with_a_typo(cli, inputs, tmp_path):
                       "  actor:\n    ppo_micro_batch_size_per_gpu: 1\n"
                       "  ref:\n    log_prob_micro_batch_size_per_gpu: 1\n")
     from cellpuzzle_cli.manifest import Manifest
-    from cellpuzzle_cli.rl import RLRequest, run_rl
+    from cellpuzzle_cli.rl.run import RLRequest, run_rl
 
     req = RLRequest("grpo", config_file=config, dry_run=True, train=inputs["train"],
                     val=inputs["val"], model=inputs["model"])

@@ -9,9 +9,9 @@ import orjson
 import pytest
 from fixtures import TABLE_TYPES, assert_user_error, cell_rows, donors_dataset, write_cells
 
+from cellpuzzle_cli.make_qa import MakeQaSettings, make_puzzles
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
-from cellpuzzle_cli.puzzles import PuzzleConfig, make_puzzles
-from cellpuzzle_cli.splitting import SplitConfig, split_puzzles
+from cellpuzzle_cli.split import SplitSettings, split_puzzles
 
 
 def read(path: Path) -> list[dict]:
@@ -26,7 +26,7 @@ def puzzles(tmp_path: Path, n_donors: int = 6, per_n: int = 6, test_cells: float
             write_cells(cells / f"ds{ds}_d{d}.parquet",
                         cell_rows(f"ds{ds}", f"D{d}", {t: cells_per_type for t in TABLE_TYPES[:6]}))
     out = tmp_path / "puzzles"
-    make_puzzles(cells, out, PuzzleConfig(per_n=per_n, test_cells=test_cells))
+    make_puzzles(cells, out, MakeQaSettings(per_n=per_n, test_cells=test_cells))
     return out
 
 
@@ -36,7 +36,7 @@ def cells_of(records: list[dict]) -> set:
 
 def test_donor_split_is_disjoint_stratified_and_keeps_every_puzzle(tmp_path):
     source = puzzles(tmp_path)  # 6 donors × N 3..6 × 6 = 144 puzzles
-    result = split_puzzles(source, tmp_path / "s", SplitConfig(test_fraction=0.3, seed=3))
+    result = split_puzzles(source, tmp_path / "s", SplitSettings(test_fraction=0.3, seed=3))
     train, test = read(result.train_path), read(result.test_path)
     assert len(train) + len(test) == 144
     assert not {r["donor_id"] for r in train} & {r["donor_id"] for r in test}
@@ -57,7 +57,7 @@ def test_donor_split_is_disjoint_stratified_and_keeps_every_puzzle(tmp_path):
 
 def test_max_test_caps_test_stratified_and_never_moves_puzzles_to_train(tmp_path):
     source = puzzles(tmp_path, n_donors=3)
-    result = split_puzzles(source, tmp_path / "s", SplitConfig(test_fraction=0.3, max_test=10))
+    result = split_puzzles(source, tmp_path / "s", SplitSettings(test_fraction=0.3, max_test=10))
     train, test = read(result.train_path), read(result.test_path)
     assert len(test) == 10
     per_n = Counter(r["n"] for r in test)
@@ -69,7 +69,7 @@ def test_max_test_caps_test_stratified_and_never_moves_puzzles_to_train(tmp_path
 
 def test_dataset_split_keeps_datasets_apart(tmp_path):
     source = puzzles(tmp_path, n_donors=2, per_n=2, datasets=3)
-    result = split_puzzles(source, tmp_path / "s", SplitConfig(group_by="dataset"))
+    result = split_puzzles(source, tmp_path / "s", SplitSettings(group_by="dataset"))
     train, test = read(result.train_path), read(result.test_path)
     assert not {r["dataset"] for r in train} & {r["dataset"] for r in test}
     assert result.counts["shared"]["datasets"] == 0 and train and test
@@ -77,7 +77,7 @@ def test_dataset_split_keeps_datasets_apart(tmp_path):
 
 def test_cell_split_without_folds_drops_and_counts_straddling_puzzles(tmp_path):
     source = puzzles(tmp_path, n_donors=1, per_n=15)
-    result = split_puzzles(source, tmp_path / "s", SplitConfig(group_by="cell",
+    result = split_puzzles(source, tmp_path / "s", SplitSettings(group_by="cell",
                                                                  test_fraction=0.2))
     train, test = read(result.train_path), read(result.test_path)
     assert not cells_of(train) & cells_of(test)
@@ -94,7 +94,7 @@ def test_cell_split_without_folds_drops_and_counts_straddling_puzzles(tmp_path):
 
 def test_cell_split_with_make_qa_folds_loses_nothing(tmp_path):
     source = puzzles(tmp_path, n_donors=1, per_n=10, test_cells=0.2, cells_per_type=10)
-    result = split_puzzles(source, tmp_path / "s", SplitConfig(group_by="cell"))
+    result = split_puzzles(source, tmp_path / "s", SplitSettings(group_by="cell"))
     train, test = read(result.train_path), read(result.test_path)
     assert (len(train), len(test), result.total("dropped_leak")) == (32, 8, 0)
     assert not cells_of(train) & cells_of(test)

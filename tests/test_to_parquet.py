@@ -100,7 +100,7 @@ def test_wrong_fields_and_existing_output_are_refused(cli, tmp_path):
 
 
 def test_rl_rows_are_reusable():
-    from cellpuzzle_cli.rl_data import rl_rows
+    from cellpuzzle_cli.to_parquet import rl_rows
 
     rows = rl_rows(make_records(3, seed=9), split="test", start_index=10)
     assert [r["extra_info"]["index"] for r in rows] == [10, 11, 12]

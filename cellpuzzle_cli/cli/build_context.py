@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cellpuzzle_cli.build_context import ContextSettings
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
     OutputDir,
@@ -18,7 +19,6 @@ from cellpuzzle_cli.cli.common import (
     start,
     step_settings,
 )
-from cellpuzzle_cli.context import ContextConfig
 from cellpuzzle_cli.manifest import Artifact
 
 
@@ -29,10 +29,10 @@ def build_context(
     output: OutputDir,
     top_genes: Annotated[int, typer.Option(
         "--top-genes", help="Genes listed per cell, highest expression first.")]
-    = ContextConfig.top_genes,
+    = ContextSettings.top_genes,
     cell_type_col: Annotated[str, typer.Option(
         "--cell-type-col", help="obs column with the cell type (the puzzle's answer).")]
-    = ContextConfig.cell_type_col,
+    = ContextSettings.cell_type_col,
     cell_type_id_col: Annotated[str | None, typer.Option(
         "--cell-type-id-col", help="obs column with the cell type's ontology ID, kept for "
                                    "ontology-aware scoring. Default: cell_type_ontology_term_id "
@@ -51,7 +51,7 @@ def build_context(
     max_cells: Annotated[int | None, typer.Option(
         "--max-cells", help="Keep at most this many cells per file, chosen with --seed.",
         show_default=False)] = None,
-    seed: Seed = ContextConfig.seed,
+    seed: Seed = ContextSettings.seed,
     workers: Annotated[int | None, typer.Option(
         "--workers", help="Worker processes reading the matrix (files and row chunks in "
                           "parallel). Default: one per CPU core, up to 8.",
@@ -75,12 +75,12 @@ def build_context(
 
     Example: [bold]cellpuzzle build-context data/ -o cells/ --max-cells 20000[/bold]
     """
+    from cellpuzzle_cli.build_context import build_context as run
+    from cellpuzzle_cli.build_context import h5ad_inputs
     from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.context import build_context as run
-    from cellpuzzle_cli.context import h5ad_inputs
 
     started = start(ctx)
-    settings = step_settings(ctx, ContextConfig, config, top_genes=top_genes,
+    settings = step_settings(ctx, ContextSettings, config, top_genes=top_genes,
                              cell_type_col=cell_type_col, cell_type_id_col=cell_type_id_col,
                              donor_col=donor_col, batch_col=batch_col, gene_col=gene_col,
                              max_cells=max_cells, seed=seed, workers=workers,

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from cellpuzzle_cli.checkpoint import ConvertSettings
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
     OutputDir,
@@ -18,6 +17,7 @@ from cellpuzzle_cli.cli.common import (
     start,
     step_settings,
 )
+from cellpuzzle_cli.convert_ckpt import ConvertCkptSettings
 from cellpuzzle_cli.manifest import Artifact, Kind
 
 
@@ -30,7 +30,7 @@ def convert_ckpt(
     output: OutputDir = Path("hf-model"),
     dtype: Annotated[str, typer.Option(
         "--dtype", help="keep (default: the dtype the shards hold), bf16, fp16 or fp32. verl's own "
-                        "merger always casts to bf16.")] = ConvertSettings.dtype,
+                        "merger always casts to bf16.")] = ConvertCkptSettings.dtype,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -38,10 +38,10 @@ def convert_ckpt(
 
     Example: [bold]cellpuzzle convert-ckpt checkpoints/ -o hf-model[/bold]
     """
-    from cellpuzzle_cli.checkpoint import convert_checkpoint, find_actor_dir
+    from cellpuzzle_cli.convert_ckpt import convert_checkpoint, find_actor_dir
 
     started = start(ctx)
-    settings = step_settings(ctx, ConvertSettings, config, dtype=dtype)
+    settings = step_settings(ctx, ConvertCkptSettings, config, dtype=dtype)
     ckpt = input_or_latest(ctx, checkpoint, Kind.CHECKPOINTS, "checkpoint")
     actor = find_actor_dir(ckpt)
     result = run_step(

@@ -19,8 +19,8 @@ from cellpuzzle_cli.cli.common import (
     step_settings,
 )
 from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.init_model import InitModelSettings
 from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.tiny_model import TinyModelConfig
 
 
 def init_model(
@@ -34,24 +34,24 @@ def init_model(
                        "train file in the manifest.")] = None,
     hidden_size: Annotated[int, typer.Option(
         "--hidden-size", help="Width of the model (the MLP is twice as wide).")]
-    = TinyModelConfig.hidden_size,
+    = InitModelSettings.hidden_size,
     layers: Annotated[int, typer.Option(
         "--layers", help="Transformer layers (2 or more can copy from the prompt).")]
-    = TinyModelConfig.layers,
+    = InitModelSettings.layers,
     heads: Annotated[int, typer.Option(
         "--heads", help="Attention heads (must divide --hidden-size; half as many key/value "
-                        "heads, as in Qwen2).")] = TinyModelConfig.heads,
+                        "heads, as in Qwen2).")] = InitModelSettings.heads,
     whole_words: Annotated[bool, typer.Option(
         "--whole-words/--no-whole-words",
         help="Keep every gene symbol and cell-type name of the puzzles as one token, so the "
              "model copies whole candidate names; --no-whole-words: plain BPE.")]
-    = TinyModelConfig.whole_words,
+    = InitModelSettings.whole_words,
     min_gene_cells: Annotated[int, typer.Option(
         "--min-gene-cells", help="With --whole-words: a gene becomes one token only when this "
                                  "many training cells list it; rarer genes stay BPE pieces, as "
                                  "the genes of held-out cells that no training cell has.")]
-    = TinyModelConfig.min_gene_cells,
-    seed: Seed = TinyModelConfig.seed,
+    = InitModelSettings.min_gene_cells,
+    seed: Seed = InitModelSettings.seed,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -65,10 +65,10 @@ def init_model(
         raise UserError("init-model only builds tiny models so far: pass --tiny. To fine-tune a "
                         "real model, give its folder to `cellpuzzle sft --model`.")
     from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.tiny_model import init_tiny_model
+    from cellpuzzle_cli.init_model import init_tiny_model
 
     started = start(ctx)
-    settings = step_settings(ctx, TinyModelConfig, config, hidden_size=hidden_size,
+    settings = step_settings(ctx, InitModelSettings, config, hidden_size=hidden_size,
                              layers=layers, heads=heads, whole_words=whole_words,
                              min_gene_cells=min_gene_cells, seed=seed)
     train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")

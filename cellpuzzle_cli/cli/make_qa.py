@@ -18,8 +18,8 @@ from cellpuzzle_cli.cli.common import (
     start,
     step_settings,
 )
+from cellpuzzle_cli.make_qa import MakeQaSettings
 from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.puzzles import PuzzleConfig
 
 
 def make_qa(
@@ -30,24 +30,24 @@ def make_qa(
              "file. Default: the latest build-context output in the manifest.",
         show_default=False)] = None,
     min_n: Annotated[int, typer.Option("--min-n", help="Smallest puzzle (cells per puzzle).")]
-    = PuzzleConfig.min_n,
+    = MakeQaSettings.min_n,
     max_n: Annotated[int, typer.Option("--max-n", help="Largest puzzle; capped per group by "
                                                        "its number of cell types.")]
-    = PuzzleConfig.max_n,
+    = MakeQaSettings.max_n,
     per_n: Annotated[int, typer.Option("--per-n", help="Puzzles per N per donor group (fewer "
                                                        "when a group runs out of distinct "
-                                                       "cell sets).")] = PuzzleConfig.per_n,
-    seed: Seed = PuzzleConfig.seed,
+                                                       "cell sets).")] = MakeQaSettings.per_n,
+    seed: Seed = MakeQaSettings.seed,
     sort_candidates: Annotated[bool, typer.Option(
         "--sort-candidates", help="List candidates alphabetically (Cell-o1's layout) instead "
-                                  "of shuffled.")] = PuzzleConfig.sort_candidates,
+                                  "of shuffled.")] = MakeQaSettings.sort_candidates,
     ignore_batch: Annotated[bool, typer.Option(
         "--ignore-batch", help="Group by (dataset, donor) only, even where batch_id is set.")]
-    = PuzzleConfig.ignore_batch,
+    = MakeQaSettings.ignore_batch,
     test_cells: Annotated[float, typer.Option(
         "--test-cells", help="For single-donor data: reserve this fraction of each type's cells "
                              "for test puzzles (tagged cell_fold), so `split --group-by cell` "
-                             "loses no puzzle to leakage. 0: off.")] = PuzzleConfig.test_cells,
+                             "loses no puzzle to leakage. 0: off.")] = MakeQaSettings.test_cells,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -60,10 +60,10 @@ def make_qa(
     Example: [bold]cellpuzzle make-qa cells/ -o puzzles/ --min-n 3 --max-n 15 --per-n 20[/bold]
     """
     from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.puzzles import make_puzzles
+    from cellpuzzle_cli.make_qa import make_puzzles
 
     started = start(ctx)
-    settings = step_settings(ctx, PuzzleConfig, config, min_n=min_n, max_n=max_n, per_n=per_n,
+    settings = step_settings(ctx, MakeQaSettings, config, min_n=min_n, max_n=max_n, per_n=per_n,
                              seed=seed, sort_candidates=sort_candidates,
                              ignore_batch=ignore_batch, test_cells=test_cells)
     cells_path = input_or_latest(ctx, cells, Kind.CELLS, "cells folder")

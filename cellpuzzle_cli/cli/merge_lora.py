@@ -42,7 +42,7 @@ def merge_lora(
 
     Example: cellpuzzle merge-lora adapter -o sft-model
     """
-    from cellpuzzle_cli.lora import copy_full_model, merge_adapter, plan_merge
+    from cellpuzzle_cli.merge_lora import copy_full_model, merge_adapter, plan_merge
 
     started = start(ctx)
     adapter = input_or_latest(ctx, adapter, Kind.ADAPTER, "adapter")

@@ -64,9 +64,9 @@ def predict(
     Example: cellpuzzle predict --backend baseline -o preds-baseline
     """
     from cellpuzzle_cli.config import build_config, parse_overrides
-    from cellpuzzle_cli.predict import PredictConfig
-    from cellpuzzle_cli.predict.command import PredictRequest
-    from cellpuzzle_cli.predict.command import predict as run
+    from cellpuzzle_cli.predict.run import PredictRequest
+    from cellpuzzle_cli.predict.run import predict as run
+    from cellpuzzle_cli.predict.settings import PredictSettings
 
     started = start(ctx)
     values = parse_overrides(overrides)
@@ -74,7 +74,7 @@ def predict(
                            temperature=temperature, n=n, seed=seed, max_model_len=max_model_len,
                            tensor_parallel_size=tensor_parallel_size,
                            gpu_memory_utilization=gpu_memory_utilization))
-    cfg = build_config(PredictConfig, config, values, default_file="predict.yaml")
+    cfg = build_config(PredictSettings, config, values, default_file="predict.yaml")
     request = PredictRequest(config=cfg, model=model, data=data, train=train, output=output,
                              shard=shard, ray=ray, ray_address=ray_address, num_shards=num_shards,
                              overwrite=overwrite, retry_errors=retry_errors,

@@ -94,7 +94,7 @@ def rl_command(
 ) -> None:
     """`rl grpo` and `rl ppo` (the algorithm is the subcommand's name)."""
     from cellpuzzle_cli.config import parse_overrides
-    from cellpuzzle_cli.rl import RLRequest, run_rl
+    from cellpuzzle_cli.rl.run import RLRequest, run_rl
 
     started = start(ctx)
     request = RLRequest(algorithm=ctx.command.name, config_file=config,

@@ -50,8 +50,8 @@ def score(
     Example: [bold]cellpuzzle score preds/ --json report.json --plot by_n.png[/bold]
     Compare runs: [bold]cellpuzzle score runs/sft/ runs/grpo/ --reference splits/test.jsonl[/bold]
     """
-    from cellpuzzle_cli.scoring.command import ScoreRequest
-    from cellpuzzle_cli.scoring.command import score as run
+    from cellpuzzle_cli.score.run import ScoreRequest
+    from cellpuzzle_cli.score.run import score as run
 
     started = start(ctx)
     request = ScoreRequest(predictions=list(predictions or []), json_out=json_out, plot=plot,

@@ -19,7 +19,7 @@ from cellpuzzle_cli.cli.common import (
     step_settings,
 )
 from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.splitting import TEST_FILE, TRAIN_FILE, SplitConfig
+from cellpuzzle_cli.split import TEST_FILE, TRAIN_FILE, SplitSettings
 
 
 def split(
@@ -30,14 +30,14 @@ def split(
              "in the manifest.", show_default=False)] = None,
     group_by: Annotated[str, typer.Option(
         "--group-by", help="What never straddles train and test: donor, dataset, or cell "
-                           "(for single-donor data).")] = SplitConfig.group_by,
+                           "(for single-donor data).")] = SplitSettings.group_by,
     test_fraction: Annotated[float, typer.Option(
         "--test-fraction", help="Share of puzzles aimed for in test (before --max-test); "
                                 "unused when make-qa --test-cells already chose the cells.")]
-    = SplitConfig.test_fraction,
+    = SplitSettings.test_fraction,
     max_test: Annotated[int, typer.Option("--max-test", help="At most this many test puzzles.")]
-    = SplitConfig.max_test,
-    seed: Seed = SplitConfig.seed,
+    = SplitSettings.max_test,
+    seed: Seed = SplitSettings.seed,
     system_prompt_file: Annotated[Path | None, typer.Option(
         "--system-prompt-file", help="Text file to use as system_msg instead of the shipped "
                                      "instructions.", show_default=False)] = None,
@@ -56,10 +56,10 @@ def split(
     Example: [bold]cellpuzzle split puzzles/ -o splits/ --group-by donor --max-test 1100[/bold]
     """
     from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.splitting import split_puzzles
+    from cellpuzzle_cli.split import split_puzzles
 
     started = start(ctx)
-    settings = step_settings(ctx, SplitConfig, config, group_by=group_by,
+    settings = step_settings(ctx, SplitSettings, config, group_by=group_by,
                              test_fraction=test_fraction, max_test=max_test, seed=seed,
                              system_prompt_file=system_prompt_file)
     puzzles_path = input_or_latest(ctx, puzzles, Kind.PUZZLES, "puzzles")

@@ -19,7 +19,7 @@ from cellpuzzle_cli.cli.common import (
     step_settings,
 )
 from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.rl_data import TRAIN_FILE, VAL_FILE, ToParquetSettings
+from cellpuzzle_cli.to_parquet import TRAIN_FILE, VAL_FILE, ToParquetSettings
 
 
 def to_parquet(
@@ -50,8 +50,8 @@ def to_parquet(
     Example: cellpuzzle to-parquet splits/train.jsonl -o rl-data --val-size 0.1
     """
     from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.rl_data import one_input
-    from cellpuzzle_cli.rl_data import to_parquet as run
+    from cellpuzzle_cli.to_parquet import one_input
+    from cellpuzzle_cli.to_parquet import to_parquet as run
 
     started = start(ctx)
     settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed,

@@ -7,7 +7,7 @@ from typing import Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Backend, Generation
-from cellpuzzle_cli.predict.settings import BACKENDS, TRAINED_BACKENDS, PredictSettings
+from cellpuzzle_cli.predict.settings import BACKENDS, TRAINED_BACKENDS, PredictJob
 
 
 def resolve_backend(name: str) -> str:
@@ -26,7 +26,7 @@ def resolve_backend(name: str) -> str:
     return "hf"
 
 
-def model_label(backend: str, settings: PredictSettings) -> str:
+def model_label(backend: str, settings: PredictJob) -> str:
     """What the `model` field of every line says (and what a resumed run must match)."""
     if backend in TRAINED_BACKENDS:
         return backend
@@ -60,7 +60,7 @@ class BaselineAdapter:
         pass
 
 
-def make_backend(backend: str, settings: PredictSettings) -> Backend:
+def make_backend(backend: str, settings: PredictJob) -> Backend:
     if backend == "baseline":
         if settings.train is None:
             raise UserError("--backend baseline learns from training puzzles: pass --train FILE "

@@ -63,7 +63,7 @@ def match_sources(h5ads: Iterable[Path], datasets: Iterable[str]) -> dict[str, P
 
 def open_source(dataset: str, path: Path) -> CellSource:
     """The matrix, genes and row of every cell id, read the way build-context reads them."""
-    from cellpuzzle_cli.context.h5ad import choose_matrix, gene_names, open_h5ad
+    from cellpuzzle_cli.build_context.h5ad import choose_matrix, gene_names, open_h5ad
 
     opened = open_h5ad(path)
     try:
@@ -78,7 +78,7 @@ def open_source(dataset: str, path: Path) -> CellSource:
 
 def read_expression(source: CellSource, cell_ids: Sequence[str]) -> Any:
     """The cells' rows (in the order given) as CSR, log1p of counts per 10,000."""
-    from cellpuzzle_cli.context.rows import read_rows_csr
+    from cellpuzzle_cli.build_context.rows import read_rows_csr
 
     missing = [c for c in cell_ids if c not in source.rows]
     if missing:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Generation, TokenizedPrompts, check_prompt_fits
-from cellpuzzle_cli.predict.settings import PredictConfig
+from cellpuzzle_cli.predict.settings import PredictSettings
 
 GQA_ATTENTION = "cellpuzzle_sdpa_gqa"
 
@@ -83,7 +83,7 @@ class HFBackend(TokenizedPrompts):
     name = "hf"
     default_batch_size = 16
 
-    def __init__(self, model_dir: Path, config: PredictConfig, trust_remote_code: bool = False):
+    def __init__(self, model_dir: Path, config: PredictSettings, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

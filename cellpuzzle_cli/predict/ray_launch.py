@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.predict.settings import PredictSettings
+from cellpuzzle_cli.predict.settings import PredictJob
 from cellpuzzle_cli.ray_cluster import check_ray_address
 
 CONNECT_TIMEOUT_S = 3.0  # a live head answers in well under a second
 LOCAL_CPUS = 2  # a local Ray instance stays small: shards mostly wait on their model
 
 
-def _absolute(settings: PredictSettings) -> PredictSettings:
+def _absolute(settings: PredictJob) -> PredictJob:
     def absolute(p: Path | None) -> Path | None:
         return None if p is None else Path(p).resolve()
 
@@ -29,13 +29,13 @@ def _absolute(settings: PredictSettings) -> PredictSettings:
                                model=absolute(settings.model), train=absolute(settings.train))
 
 
-def _run_shard(settings: PredictSettings):
-    from cellpuzzle_cli.predict import run_predict
+def _run_shard(settings: PredictJob):
+    from cellpuzzle_cli.predict.shard_run import run_predict
 
     return run_predict(settings)
 
 
-def run_on_ray(settings: PredictSettings, num_shards: int, address: str | None = None,
+def run_on_ray(settings: PredictJob, num_shards: int, address: str | None = None,
                progress: Callable[..., None] | None = None, num_cpus: int | None = None):
     """Run every shard of `num_shards` as a Ray task; returns (results, failures)."""
     if num_shards < 1:

@@ -16,7 +16,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
-class PredictConfig:
+class PredictSettings:
     """Keys of configs/predict.yaml; every one can be overridden as key=value (saved as
     predict.yaml beside the predictions)."""
 
@@ -42,7 +42,7 @@ class PredictConfig:
 
 
 @dataclass
-class PredictSettings:
+class PredictJob:
     data: Path
     output_dir: Path
     model: Path | None = None
@@ -53,4 +53,4 @@ class PredictSettings:
     overwrite: bool = False
     retry_errors: bool = False       # predict again the puzzles whose line holds an error
     trust_remote_code: bool = False
-    config: PredictConfig = field(default_factory=PredictConfig)
+    config: PredictSettings = field(default_factory=PredictSettings)

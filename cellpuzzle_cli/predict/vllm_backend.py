@@ -12,7 +12,7 @@ from typing import Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Generation, TokenizedPrompts, check_prompt_fits
-from cellpuzzle_cli.predict.settings import PredictConfig
+from cellpuzzle_cli.predict.settings import PredictSettings
 
 INSTALL_HINT = "pip install 'cellpuzzle[gpu]'"
 
@@ -33,7 +33,7 @@ def import_vllm():
     return vllm
 
 
-def sampling_kwargs(config: PredictConfig) -> dict[str, Any]:
+def sampling_kwargs(config: PredictSettings) -> dict[str, Any]:
     """SamplingParams arguments matching the transformers backend's generation settings."""
     kwargs: dict[str, Any] = {"n": config.n, "max_tokens": config.max_new_tokens,
                               "temperature": config.temperature, "seed": config.seed}
@@ -44,7 +44,7 @@ def sampling_kwargs(config: PredictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def llm_kwargs(model_dir: Path, config: PredictConfig, trust_remote_code: bool) -> dict[str, Any]:
+def llm_kwargs(model_dir: Path, config: PredictSettings, trust_remote_code: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": str(model_dir), "tensor_parallel_size": config.tensor_parallel_size,
         "gpu_memory_utilization": config.gpu_memory_utilization, "seed": config.seed,
@@ -68,7 +68,7 @@ class VLLMBackend(TokenizedPrompts):
     name = "vllm"
     default_batch_size = 256  # vLLM schedules internally; batches only bound resume granularity
 
-    def __init__(self, model_dir: Path, config: PredictConfig, trust_remote_code: bool = False):
+    def __init__(self, model_dir: Path, config: PredictSettings, trust_remote_code: bool = False):
         vllm = import_vllm()
         self.config = config
         self.model_label = str(Path(model_dir).resolve())

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cellpuzzle_cli.scoring.judging import Judged
+from cellpuzzle_cli.score.judging import Judged
 
 METRICS = ("cell_accuracy", "exact_match", "format_legitimacy", "uniqueness")
 PM_DEFINITION = {

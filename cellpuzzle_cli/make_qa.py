@@ -58,7 +58,7 @@ _MAX_ATTEMPTS_PER_PUZZLE = 20
 
 
 @dataclass(frozen=True)
-class PuzzleConfig:
+class MakeQaSettings:
     """Everything that decides which puzzles come out (written beside them)."""
 
     min_n: int = 3
@@ -325,7 +325,7 @@ def _term(value: Any) -> str | None:
     return None if pd.isna(value) else str(value)
 
 
-def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
+def build_group_puzzles(cells: Cells, group: Group, config: MakeQaSettings,
                         context_codes: np.ndarray, contexts: np.ndarray,
                         stats: dict[str, Counter]) -> list[dict[str, Any]]:
     """Every puzzle of one group, as output records."""
@@ -370,7 +370,7 @@ def build_group_puzzles(cells: Cells, group: Group, config: PuzzleConfig,
     return records
 
 
-def make_puzzles(cells_path: Path, out_dir: Path, config: PuzzleConfig = PuzzleConfig(),
+def make_puzzles(cells_path: Path, out_dir: Path, config: MakeQaSettings = MakeQaSettings(),
                  overwrite: bool = False, progress: Progress | None = None) -> MakeQAResult:
     """Read the cell tables, sample puzzles per group and write `puzzles.jsonl` atomically."""
     import numpy as np

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cellpuzzle_cli.scoring.judging import NO_ANSWER, CellPairs
+from cellpuzzle_cli.score.judging import NO_ANSWER, CellPairs
 
 OTHER = "(other answer)"
 NONE = "(no answer)"

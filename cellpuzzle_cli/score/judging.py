@@ -24,8 +24,8 @@ from cellpuzzle_cli.answer import (
     reward_from_verdict,
 )
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.puzzles import IDS_FIELD
-from cellpuzzle_cli.scoring.runs import file_records
+from cellpuzzle_cli.make_qa import IDS_FIELD
+from cellpuzzle_cli.score.runs import file_records
 
 _LENGTH_CHUNK = 2048  # texts held at once while streaming a run
 NO_ANSWER = -1        # a cell whose prediction has no item at its position

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cellpuzzle_cli.scoring import Report
+    from cellpuzzle_cli.score.report import Report
 
 
 def _pyplot() -> Any:

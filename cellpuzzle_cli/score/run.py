@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.scoring import ScoreResult, score_runs
-from cellpuzzle_cli.scoring.plot import plot_by_n
-from cellpuzzle_cli.scoring.runs import RunInput, collect_files
+from cellpuzzle_cli.score.plot import plot_by_n
+from cellpuzzle_cli.score.report import ScoreResult, score_runs
+from cellpuzzle_cli.score.runs import RunInput, collect_files
 
 
 @dataclass

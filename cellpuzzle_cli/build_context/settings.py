@@ -12,7 +12,7 @@ MACHINE = {"machine": True}
 
 
 @dataclass(frozen=True)
-class ContextConfig:
+class ContextSettings:
     """Options of one build-context run (the CLI's flags; saved as build-context.yaml)."""
 
     top_genes: Count = 50

@@ -1,13 +1,4 @@
-"""`score`: metrics over prediction files, one report per run, composed from metric families.
-
-The package keeps one family per module: `runs` (which files form a run, reading them),
-`judging` (every prediction against its gold answer, and every cell's gold/predicted pair),
-`cello1` (Cell-o1's summary metrics with "±", standard errors and bootstrap intervals),
-`chance` (a random one-to-one assignment), `per_type` (precision/recall/F1 per type, macro-F1,
-confusion matrix), `hierarchy` (Cell Ontology hierarchical metrics) and `plot`. This module
-composes them into a `Report` per run; `command` is the service behind `cellpuzzle score`.
-The names callers use are re-exported here.
-"""
+"""One `Report` per run, composed from the metric families (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -19,18 +10,12 @@ from typing import Any
 import numpy as np
 
 from cellpuzzle_cli.errors import UserError, existing_path
-from cellpuzzle_cli.scoring.cello1 import METRICS, PM_DEFINITION, summarise
-from cellpuzzle_cli.scoring.chance import chance
-from cellpuzzle_cli.scoring.hierarchy import Hierarchical, hierarchical, read_label_ids
-from cellpuzzle_cli.scoring.judging import Judged, judge_run, tokenizer_lengths, whitespace_words
-from cellpuzzle_cli.scoring.per_type import PerType, per_type
-from cellpuzzle_cli.scoring.plot import plot_by_n
-from cellpuzzle_cli.scoring.runs import RunInput, collect_files, load_reference
-
-__all__ = ["METRICS", "PM_DEFINITION", "Hierarchical", "Judged", "PerType", "Report",
-           "RunInput", "ScoreResult", "collect_files", "judge_run", "load_reference",
-           "plot_by_n", "report", "score_runs", "summarise",
-           "tokenizer_lengths", "whitespace_words"]
+from cellpuzzle_cli.score.cello1 import PM_DEFINITION, summarise
+from cellpuzzle_cli.score.chance import chance
+from cellpuzzle_cli.score.hierarchy import Hierarchical, hierarchical, read_label_ids
+from cellpuzzle_cli.score.judging import Judged, judge_run, tokenizer_lengths
+from cellpuzzle_cli.score.per_type import PerType, per_type
+from cellpuzzle_cli.score.runs import RunInput, load_reference
 
 
 @dataclass

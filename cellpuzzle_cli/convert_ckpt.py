@@ -246,7 +246,7 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
 
 
 @dataclass
-class ConvertSettings:
+class ConvertCkptSettings:
     """Saved as convert-ckpt.yaml beside the converted model."""
 
     dtype: Annotated[str, one_of(*DTYPES)] = "keep"
@@ -258,7 +258,7 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", over
     import torch
     from safetensors.torch import save_file
 
-    check_settings(ConvertSettings(dtype))
+    check_settings(ConvertCkptSettings(dtype))
     actor = find_actor_dir(Path(checkpoint))
     world_size, files = read_world_size(actor)
     hf_dir = actor / "huggingface"
@@ -289,7 +289,7 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", over
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         from cellpuzzle_cli.config import save_settings
 
-        save_settings(tmp, "convert-ckpt", ConvertSettings(dtype))
+        save_settings(tmp, "convert-ckpt", ConvertCkptSettings(dtype))
     if progress:
         progress(1, description="written")
     return ConvertResult(

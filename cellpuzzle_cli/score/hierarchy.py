@@ -27,7 +27,7 @@ import numpy as np
 
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.ontology import CL_ROOT, CellOntology, is_term_id
-from cellpuzzle_cli.scoring.judging import NO_ANSWER, CellPairs
+from cellpuzzle_cli.score.judging import NO_ANSWER, CellPairs
 
 RELATIONS = ("gold", "ancestor", "descendant", "unrelated", "unmapped", "no_answer")
 

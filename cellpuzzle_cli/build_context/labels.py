@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellpuzzle_cli.context.h5ad import Coded, Frame
+from cellpuzzle_cli.build_context.h5ad import Coded, Frame
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.ontology import ID_SUFFIX, term_label
 

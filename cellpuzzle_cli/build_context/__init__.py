@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from cellpuzzle_cli.context.settings import ContextConfig
+from cellpuzzle_cli.build_context.settings import ContextSettings
 
 _EXPORTS = {
     "build": ("BuildResult", "build_context", "default_workers", "h5ad_inputs"),
@@ -37,10 +37,25 @@ _EXPORTS = {
     "topk": ("topk_csr", "topk_dense"),
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = ["CORE_COLUMNS", "BuildResult", "ContextConfig", "ContextFields", "DatasetRule", "Field",
-           "FilePlan", "FileReport", "MatrixSpec", "build_context", "close_cached_files",
-           "default_workers", "h5ad_inputs", "load_context_fields", "plan_file", "topk_csr",
-           "topk_dense"]
+__all__ = [
+    "CORE_COLUMNS",
+    "BuildResult",
+    "ContextFields",
+    "ContextSettings",
+    "DatasetRule",
+    "Field",
+    "FilePlan",
+    "FileReport",
+    "MatrixSpec",
+    "build_context",
+    "close_cached_files",
+    "default_workers",
+    "h5ad_inputs",
+    "load_context_fields",
+    "plan_file",
+    "topk_csr",
+    "topk_dense",
+]
 
 
 def __getattr__(name: str) -> Any:

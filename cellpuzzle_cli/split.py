@@ -42,8 +42,8 @@ from cellpuzzle_cli.io import (
     read_records,
     write_jsonl,
 )
+from cellpuzzle_cli.make_qa import IDS_FIELD, PUZZLES_FILE, seeded_rng
 from cellpuzzle_cli.prompts import check_answers, load_system_prompt
-from cellpuzzle_cli.puzzles import IDS_FIELD, PUZZLES_FILE, seeded_rng
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
     import numpy as np
@@ -58,7 +58,7 @@ REQUIRED_FIELDS = ("puzzle_id", "dataset", "group", "donor_id", "n", "cell_ids",
 
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitSettings:
     """Everything that decides which puzzles go to test (saved as split.yaml)."""
 
     group_by: Annotated[str, one_of(*GROUP_BY)] = "donor"
@@ -163,7 +163,7 @@ def stratified_subsample(indices: list[int], ns: list[int], total: int,
     return sorted(kept), sorted(i for i in indices if i not in kept_set)
 
 
-def assign_by_unit(units: list[Any], ns: list[int], config: SplitConfig) -> Assignment:
+def assign_by_unit(units: list[Any], ns: list[int], config: SplitSettings) -> Assignment:
     """Whole units (donors or datasets) to test until the target size; see the module docstring."""
     members: dict[Any, list[int]] = {}
     for i, u in enumerate(units):
@@ -195,7 +195,7 @@ def assign_by_unit(units: list[Any], ns: list[int], config: SplitConfig) -> Assi
     return Assignment(test=test, train=train, dropped_cap=dropped_cap)
 
 
-def assign_by_cell(cells: list[list[Any]], ns: list[int], config: SplitConfig) -> Assignment:
+def assign_by_cell(cells: list[list[Any]], ns: list[int], config: SplitSettings) -> Assignment:
     """Test puzzles that reuse each other's cells; train = puzzles sharing no cell with test."""
     import numpy as np
 
@@ -240,7 +240,7 @@ def assign_by_cell(cells: list[list[Any]], ns: list[int], config: SplitConfig) -
                       method="test puzzles chosen to share cells; train drops any that touch them")
 
 
-def assign_by_fold(folds: list[str], ns: list[int], config: SplitConfig) -> Assignment:
+def assign_by_fold(folds: list[str], ns: list[int], config: SplitSettings) -> Assignment:
     """make-qa already drew train and test puzzles from disjoint cells; honour that."""
     odd = sorted(set(folds) - {"train", "test"})
     if odd:
@@ -259,7 +259,7 @@ def assign_by_fold(folds: list[str], ns: list[int], config: SplitConfig) -> Assi
                       method="cell folds from make-qa --test-cells")
 
 
-def assign(puzzles: list[dict[str, Any]], config: SplitConfig) -> Assignment:
+def assign(puzzles: list[dict[str, Any]], config: SplitSettings) -> Assignment:
     ns = [int(p["n"]) for p in puzzles]
     if config.group_by == "cell" and all(p.get("cell_fold") for p in puzzles):
         return assign_by_fold([p["cell_fold"] for p in puzzles], ns, config)
@@ -297,7 +297,7 @@ def split_record(puzzle: dict[str, Any], system_msg: str) -> dict[str, Any]:
             **({IDS_FIELD: puzzle[IDS_FIELD]} if IDS_FIELD in puzzle else {})}
 
 
-def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitConfig = SplitConfig(),
+def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitSettings = SplitSettings(),
                   overwrite: bool = False, progress: Progress | None = None) -> SplitResult:
     """Assign puzzles to train/test, verify nothing leaks, write both files atomically."""
     check_settings(config)

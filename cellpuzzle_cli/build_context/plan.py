@@ -15,8 +15,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cellpuzzle_cli.context.fields import ContextFields, Field, render_contexts
-from cellpuzzle_cli.context.h5ad import (
+from cellpuzzle_cli.build_context.fields import ContextFields, Field, render_contexts
+from cellpuzzle_cli.build_context.h5ad import (
     Coded,
     Frame,
     MatrixSpec,
@@ -24,8 +24,8 @@ from cellpuzzle_cli.context.h5ad import (
     gene_names,
     open_h5ad,
 )
-from cellpuzzle_cli.context.labels import cell_type_terms, labels_from_terms, resolved_note
-from cellpuzzle_cli.context.settings import ContextConfig
+from cellpuzzle_cli.build_context.labels import cell_type_terms, labels_from_terms, resolved_note
+from cellpuzzle_cli.build_context.settings import ContextSettings
 from cellpuzzle_cli.errors import UserError
 
 DEFAULT_DONOR_COL = "donor_id"
@@ -89,7 +89,7 @@ def _required_column(frame: Frame, col: str, path: Path, flag: str) -> Coded:
     return frame.column(col)
 
 
-def plan_file(path: Path, root: Path, config: ContextConfig, fields: ContextFields,
+def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFields,
               out_dir: Path) -> FilePlan:
     """Read a file's metadata, choose its matrix and the cells to keep."""
     rel = path.relative_to(root)
@@ -150,7 +150,7 @@ def plan_file(path: Path, root: Path, config: ContextConfig, fields: ContextFiel
         opened.close()
 
 
-def _labelled(obs: Frame, config: ContextConfig, file_fields: list[Field],
+def _labelled(obs: Frame, config: ContextSettings, file_fields: list[Field],
               path: Path) -> tuple[Coded, dict[str, Coded], list[str]]:
     """The cell type and context-field columns, labels read from term IDs where only IDs exist.
 
@@ -175,7 +175,7 @@ def _labelled(obs: Frame, config: ContextConfig, file_fields: list[Field],
     return cell_type, field_codes, resolved
 
 
-def _keep_rows(obs: Frame, cell_type_codes: np.ndarray, config: ContextConfig, dataset: str,
+def _keep_rows(obs: Frame, cell_type_codes: np.ndarray, config: ContextSettings, dataset: str,
                report: FileReport) -> np.ndarray:
     """Rows of whole cells with a cell type, subsampled to --max-cells; counts what was dropped."""
     keep = np.ones(obs.n, dtype=bool)
@@ -201,7 +201,7 @@ def _keep_rows(obs: Frame, cell_type_codes: np.ndarray, config: ContextConfig, d
     return kept
 
 
-def _donor(obs: Frame, config: ContextConfig, path: Path, dataset: str,
+def _donor(obs: Frame, config: ContextSettings, path: Path, dataset: str,
            warnings: list[str]) -> Coded:
     if config.donor_col is not None:
         codes, cats = _required_column(obs, config.donor_col, path, "--donor-col")

@@ -16,10 +16,10 @@ from typing import Any
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, labelled
 from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord
-from cellpuzzle_cli.predict import PredictResult, run_predict
 from cellpuzzle_cli.predict.backends import resolve_backend
 from cellpuzzle_cli.predict.records import cello1_train_file
-from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS, PredictConfig, PredictSettings
+from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS, PredictJob, PredictSettings
+from cellpuzzle_cli.predict.shard_run import PredictResult, run_predict
 from cellpuzzle_cli.predict.shards import Shard, parse_shard
 
 
@@ -27,7 +27,7 @@ from cellpuzzle_cli.predict.shards import Shard, parse_shard
 class PredictRequest:
     """What the user asked for; `None` means "the default"."""
 
-    config: PredictConfig
+    config: PredictSettings
     model: Path | None = None
     data: Path | None = None
     train: Path | None = None
@@ -77,7 +77,7 @@ def _shard_spec(req: PredictRequest) -> Shard:
     return parse_shard(req.shard)
 
 
-def resolve(req: PredictRequest, manifest: Manifest) -> tuple[PredictSettings, Shard, list[str]]:
+def resolve(req: PredictRequest, manifest: Manifest) -> tuple[PredictJob, Shard, list[str]]:
     """Settings for `run_predict` with every default filled in, plus notes on where they came from."""
     spec = _shard_spec(req)
     backend = resolve_backend(req.config.backend)
@@ -95,8 +95,8 @@ def resolve(req: PredictRequest, manifest: Manifest) -> tuple[PredictSettings, S
         notes.append(found.note("model"))
         model = found.path
     out = req.output or Path("predictions") / (backend if model is None else model.name)
-    config = PredictConfig(**{**asdict(req.config), "backend": backend})
-    settings = PredictSettings(data=data.path, output_dir=out, model=model, train=train,
+    config = PredictSettings(**{**asdict(req.config), "backend": backend})
+    settings = PredictJob(data=data.path, output_dir=out, model=model, train=train,
                                expression=expression, shard_index=spec.index, num_shards=spec.count,
                                overwrite=req.overwrite, retry_errors=req.retry_errors,
                                trust_remote_code=req.trust_remote_code, config=config)
@@ -132,7 +132,7 @@ def predict(req: PredictRequest, manifest: Manifest, progress: Progress | None =
     return PredictRun(results, failures, notes, records)
 
 
-def shard_record(settings: PredictSettings, result: PredictResult, manifest: Manifest) -> RunRecord:
+def shard_record(settings: PredictJob, result: PredictResult, manifest: Manifest) -> RunRecord:
     """One finished shard as a manifest entry (`score` gathers a run's shards from these)."""
     inputs = [Artifact(Path(settings.data), "test")]
     if result.backend in TRAINED_BACKENDS:

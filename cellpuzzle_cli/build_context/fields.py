@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from cellpuzzle_cli.build_context.h5ad import Coded
 from cellpuzzle_cli.config import load_yaml, shipped_config
-from cellpuzzle_cli.context.h5ad import Coded
 from cellpuzzle_cli.errors import UserError
 
 CORE_COLUMNS = ("cell_id", "dataset", "donor_id", "batch_id", "cell_type", "top_genes", "context")

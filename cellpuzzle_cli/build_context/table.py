@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellpuzzle_cli.context.h5ad import Coded
-from cellpuzzle_cli.context.labels import ID_COLUMN
-from cellpuzzle_cli.context.plan import FilePlan
+from cellpuzzle_cli.build_context.h5ad import Coded
+from cellpuzzle_cli.build_context.labels import ID_COLUMN
+from cellpuzzle_cli.build_context.plan import FilePlan
 
 
 def _schema(field_columns: list[str], with_ids: bool):

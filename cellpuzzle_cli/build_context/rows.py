@@ -14,8 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cellpuzzle_cli.context.h5ad import MatrixSpec
-from cellpuzzle_cli.context.topk import topk_csr, topk_dense
+from cellpuzzle_cli.build_context.h5ad import MatrixSpec
+from cellpuzzle_cli.build_context.topk import topk_csr, topk_dense
 from cellpuzzle_cli.errors import UserError
 
 _MERGE_GAP_ROWS = 64                # read through gaps this small between wanted rows

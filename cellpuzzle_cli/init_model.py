@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class TinyModelConfig:
+class InitModelSettings:
     """The shape of a from-scratch model: init-model's options, saved as init-model.yaml."""
 
     hidden_size: Count = 64
@@ -111,7 +111,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, words: Iterable[str] 
     return fast
 
 
-def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfig | None = None,
+def build_tiny_model(out_dir: Path, texts: Iterable[str], config: InitModelSettings | None = None,
                      words: Iterable[str] = ()) -> int:
     """Write a randomly initialised tiny model + tokenizer to `out_dir`; returns its parameter count.
 
@@ -120,7 +120,7 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], config: TinyModelConfi
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    cfg = check_settings(config or TinyModelConfig())
+    cfg = check_settings(config or InitModelSettings())
     tokenizer = train_tokenizer(texts, cfg.vocab_size, words if cfg.whole_words else ())
     model_cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
@@ -148,7 +148,7 @@ class InitModelResult:
     n_texts: int
 
 
-def init_tiny_model(data: Path, out: Path, config: TinyModelConfig | None = None,
+def init_tiny_model(data: Path, out: Path, config: InitModelSettings | None = None,
                     overwrite: bool = False, progress: Progress | None = None) -> InitModelResult:
     """A from-scratch tiny Qwen2 whose tokenizer is trained on the split's chat texts.
 
@@ -158,7 +158,7 @@ def init_tiny_model(data: Path, out: Path, config: TinyModelConfig | None = None
     """
     import json
 
-    from cellpuzzle_cli.splitting import read_training_records
+    from cellpuzzle_cli.split import read_training_records
 
     records = read_training_records(data)
     texts = [str(r[k]) for r in records for k in ("system_msg", "user_msg", "assistant_msg")
@@ -166,7 +166,7 @@ def init_tiny_model(data: Path, out: Path, config: TinyModelConfig | None = None
     if progress:
         progress(0, total=1, description="init-model")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        config = config or TinyModelConfig()
+        config = config or InitModelSettings()
         params = build_tiny_model(tmp, texts, config, puzzle_words(records, config.min_gene_cells))
         save_settings(tmp, "init-model", config)
         vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]

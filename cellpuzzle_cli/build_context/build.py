@@ -10,16 +10,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cellpuzzle_cli.config import check_settings, save_settings
-from cellpuzzle_cli.context.fields import (
+from cellpuzzle_cli.build_context.fields import (
     load_context_fields,
 )
-from cellpuzzle_cli.context.h5ad import PROBE_ROWS
-from cellpuzzle_cli.context.labels import is_resolved_note
-from cellpuzzle_cli.context.plan import FilePlan, FileReport, check_unique_outputs, plan_file
-from cellpuzzle_cli.context.rows import _inflater, close_cached_files, topk_task
-from cellpuzzle_cli.context.settings import ContextConfig
-from cellpuzzle_cli.context.table import TableWriter
+from cellpuzzle_cli.build_context.h5ad import PROBE_ROWS
+from cellpuzzle_cli.build_context.labels import is_resolved_note
+from cellpuzzle_cli.build_context.plan import FilePlan, FileReport, check_unique_outputs, plan_file
+from cellpuzzle_cli.build_context.rows import _inflater, close_cached_files, topk_task
+from cellpuzzle_cli.build_context.settings import ContextSettings
+from cellpuzzle_cli.build_context.table import TableWriter
+from cellpuzzle_cli.config import check_settings, save_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files
 
@@ -101,11 +101,11 @@ def h5ad_inputs(inputs: list[Path]) -> list[Path]:
     return [path for path, _ in _find_h5ad(inputs)]
 
 
-def build_context(inputs: list[Path], out_dir: Path, config: ContextConfig | None = None,
+def build_context(inputs: list[Path], out_dir: Path, config: ContextSettings | None = None,
                   overwrite: bool = False, progress: Progress | None = None) -> BuildResult:
     """Write one Parquet cell table per input `.h5ad` under `out_dir`, mirroring input folders."""
     started = time.perf_counter()
-    config = check_settings(config or ContextConfig())
+    config = check_settings(config or ContextSettings())
     fields = load_context_fields(config.context_config)
     files = _find_h5ad(inputs)
     field_columns = fields.columns()
