@@ -99,7 +99,7 @@ def _run(args, work: Path, torch) -> None:
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         settings = PredictJob(
             data=data, output_dir=work / f"out-bs{bs}", model=model,
-            config=PredictSettings(backend="hf", batch_size=bs, max_new_tokens=args.max_new_tokens,
+            settings=PredictSettings(backend="hf", batch_size=bs, max_new_tokens=args.max_new_tokens,
                                  min_new_tokens=args.max_new_tokens))
         load1 = os.getloadavg()[0]
         cpu0 = _cpu_seconds()

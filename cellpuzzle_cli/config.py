@@ -20,6 +20,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,6 +32,7 @@ from cellpuzzle_cli.errors import UserError
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).parent / "configs"  # a link to the repository's configs/
 SEED_MAX = 2**32 - 1  # numpy and torch seeds
+OVERRIDES, OPTIONS = "the command-line overrides", "the command-line options"  # layer names
 
 
 @dataclass(frozen=True)
@@ -204,16 +206,22 @@ def fields_of(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def build_config(cls: type[T], file: Path | str | None = None,
-                 overrides: dict[str, Any] | None = None, default_file: str | None = None) -> T:
-    """Instance of dataclass `cls` from defaults < YAML file (or shipped default) < overrides."""
+def layer_settings(cls: type[T], file: Path | str | None = None,
+                   overrides: Sequence[str] | Mapping[str, Any] = (),
+                   options: Mapping[str, Any] | None = None, *, shipped: str | None = None,
+                   load: Callable[[list[tuple[str, dict[str, Any]]]], T] | None = None) -> T:
+    """A step's settings, layered the one way every step uses: the dataclass defaults <
+    `file` (`--config`; else the `shipped` YAML in configs/) < `key=value` `overrides` <
+    `options` given on the command line. `load` builds settings that are not plain dataclass
+    fields (rl's verl keys) from the same layers."""
     layers: list[tuple[str, dict[str, Any]]] = []
-    if file is None and default_file is not None:
-        file = shipped_config(default_file)
-    if file is not None:
-        layers.append((str(file), load_yaml(file)))
-    layers.append(("the command-line overrides", overrides or {}))
-    return from_layers(cls, layers)
+    source = file if file is not None else (shipped_config(shipped) if shipped else None)
+    if source is not None:
+        layers.append((str(source), load_yaml(source)))
+    given = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
+    layers.append((OVERRIDES, given))
+    layers.append((OPTIONS, dict(options or {})))
+    return load(layers) if load is not None else from_layers(cls, layers)
 
 
 def from_layers(cls: type[T], layers: list[tuple[str, dict[str, Any]]], prefix: str = "") -> T:

@@ -16,15 +16,19 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from cellpuzzle_cli.config import check_settings, one_of
+from cellpuzzle_cli.config import check_settings
+from cellpuzzle_cli.device import Dtype, dtype_name
 from cellpuzzle_cli.errors import UserError, existing_path, unsafe_pickle_message
 from cellpuzzle_cli.io import Progress
+from cellpuzzle_cli.manifest import Artifact
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.runner import Job
 
 SHARD_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 STEP_RE = re.compile(r"^global_step_(\d+)$")
-DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -249,16 +253,20 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
 class ConvertCkptSettings:
     """Saved as convert-ckpt.yaml beside the converted model."""
 
-    dtype: Annotated[str, one_of(*DTYPES)] = "keep"
+    dtype: Dtype = "auto"  # auto: keep the dtype the shards hold (verl's own merger casts to bf16)
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(self.dtype)
 
 
-def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", overwrite: bool = False,
+def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "auto", overwrite: bool = False,
                        progress: Progress | None = None) -> ConvertResult:
     """Write `output` (config, tokenizer, model.safetensors) from a verl FSDP actor checkpoint."""
     import torch
     from safetensors.torch import save_file
 
-    check_settings(ConvertCkptSettings(dtype))
+    dtype = check_settings(ConvertCkptSettings(dtype)).dtype
+    cast = None if dtype == "auto" else dtype
     actor = find_actor_dir(Path(checkpoint))
     world_size, files = read_world_size(actor)
     hf_dir = actor / "huggingface"
@@ -272,8 +280,8 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", over
             progress(1, total=world_size + 1, description=f"loading {f.name}")
     merged = merge_shards(states)
     del states
-    if DTYPES[dtype] is not None:
-        target = getattr(torch, DTYPES[dtype])
+    if cast is not None:
+        target = getattr(torch, cast)
         merged = {k: v.to(target) if v.is_floating_point() else v for k, v in merged.items()}
     dropped = _tied_duplicates(merged, hf_dir)
     for key in dropped:
@@ -284,8 +292,8 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", over
         for item in hf_dir.iterdir():
             if item.is_file() and not re.search(r"\.(safetensors|bin)(\.index\.json)?$", item.name):
                 shutil.copy2(item, tmp / item.name)
-        if DTYPES[dtype] is not None:
-            _set_config_dtype(tmp / "config.json", DTYPES[dtype])
+        if cast is not None:
+            _set_config_dtype(tmp / "config.json", cast)
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         from cellpuzzle_cli.config import save_settings
 
@@ -297,3 +305,16 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "keep", over
         n_parameters=sum(v.numel() for v in merged.values()),
         dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in merged.values()}),
         dropped_tied=dropped)
+
+
+def plan(job: Job) -> None:
+    """The run reads the actor folder of the checkpoint given (the latest step of a root)."""
+    actor = find_actor_dir(Path(job.inputs["checkpoint"]))
+    job.artifacts = [Artifact(actor, "checkpoint")]
+    job.params = {"checkpoint": job.inputs["checkpoint"], "dtype": job.settings.dtype}
+
+
+def step(job: Job, progress: Progress) -> ConvertResult:
+    """convert-ckpt as a pipeline step (see `runner`)."""
+    return convert_checkpoint(job.inputs["checkpoint"], job.output, dtype=job.settings.dtype,
+                              overwrite=job.overwrite, progress=progress)

@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellpuzzle_cli.answer import TAGS as ANSWER_TAGS
 from cellpuzzle_cli.config import Count, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.prompts import SYSTEM_PROMPT
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.runner import Job
 
 EOS = "<|im_end|>"
 PAD = "<|endoftext|>"
@@ -173,3 +177,9 @@ def init_tiny_model(data: Path, out: Path, config: InitModelSettings | None = No
     if progress:
         progress(1)
     return InitModelResult(out=Path(out), parameters=params, vocab_size=vocab, n_texts=len(texts))
+
+
+def step(job: Job, progress: Progress) -> InitModelResult:
+    """init-model as a pipeline step (see `runner`)."""
+    return init_tiny_model(job.inputs["train"], job.output, job.settings,
+                           overwrite=job.overwrite, progress=progress)

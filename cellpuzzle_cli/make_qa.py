@@ -47,6 +47,7 @@ from cellpuzzle_cli.prompts import format_question
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
     import numpy as np
 
+    from cellpuzzle_cli.runner import Job
 PUZZLES_FILE = "puzzles.jsonl"
 REQUIRED_COLUMNS = ("cell_id", "dataset", "donor_id", "cell_type", "top_genes", "context")
 META_COLUMNS = ("cell_id", "dataset", "donor_id", "batch_id", "cell_type", "context")
@@ -419,3 +420,9 @@ def make_puzzles(cells_path: Path, out_dir: Path, config: MakeQaSettings = MakeQ
         write_jsonl(tmp / PUZZLES_FILE, records)
         save_settings(tmp, "make-qa", config)
     return result
+
+
+def step(job: Job, progress: Progress) -> MakeQAResult:
+    """make-qa as a pipeline step (see `runner`)."""
+    return make_puzzles(job.inputs["cells"], job.output, job.settings, overwrite=job.overwrite,
+                        progress=progress)

@@ -6,23 +6,24 @@ Modelled on DVC's lock file. One JSON document (default `./cellpuzzle.json`):
                                "versions", "started", "finished", "duration_s", ...}, ...]}
 
 Inputs and outputs are `{"name", "path", "sha256", "size", "nfiles"}` with `path` relative
-to the manifest's folder. The schema is checked on every read, and this module alone reads
-entries: callers ask questions named after what they need (`latest_output(Kind.MODEL)`,
-`base_model_of(adapter)`, `predict_shards()`), and `PRODUCES` is the one registry of which
-command writes which kind of artifact. Several processes (e.g. `predict` shards) may append
-at once, so every update is read-modify-write under a file lock, written atomically.
+to the manifest's folder; outputs also say what they are (`kind`). The schema is checked on
+every read, and this module alone reads entries: callers ask questions named after what they
+need (`latest_output(Kind.MODEL)`, `base_model_of(adapter)`, `find(...)`). The ledger knows no
+step: which command writes which kind is the step table's business (`steps.py`), and entries
+written before outputs carried their kind are read with its `kind_of`. Several processes (e.g.
+`predict` shards) may append at once, so every update is read-modify-write under a file lock,
+written atomically.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -36,7 +37,6 @@ from cellpuzzle_cli.io import write_json
 
 SCHEMA = 1
 DEFAULT_PATH = Path("cellpuzzle.json")
-STAMP_FILE = ".cellpuzzle-run.json"  # a step's identity, inside the folder it published
 LOCK_TIMEOUT_S = 60
 _VERSIONED = ("numpy", "anndata", "scanpy", "pyarrow", "torch", "transformers", "peft", "trl",
               "verl", "vllm", "ray")
@@ -59,28 +59,6 @@ class Kind(str, Enum):
     PLOT = "plot"
 
 
-# command -> {output name -> kind}: what each step writes. A model is a model whichever step
-# made it, so `predict`, `sft` and `rl` all take the newest one by default.
-PRODUCES: dict[str, dict[str, Kind]] = {
-    "build-context": {"cells": Kind.CELLS},
-    "make-qa": {"puzzles": Kind.PUZZLES},
-    "split": {"train": Kind.TRAIN_PUZZLES, "test": Kind.TEST_PUZZLES},
-    "init-model": {"model": Kind.MODEL},
-    "sft": {"adapter": Kind.ADAPTER, "model": Kind.MODEL},
-    "merge-lora": {"model": Kind.MODEL},
-    "to-parquet": {"train": Kind.RL_TRAIN, "val": Kind.RL_VAL},
-    "rl grpo": {"model": Kind.MODEL, "checkpoints": Kind.CHECKPOINTS},
-    "rl ppo": {"checkpoints": Kind.CHECKPOINTS},
-    "convert-ckpt": {"model": Kind.MODEL},
-    "predict": {"predictions": Kind.PREDICTIONS},
-    "score": {"report": Kind.REPORT, "plot": Kind.PLOT},
-}
-
-
-def producers(kind: Kind) -> list[str]:
-    """The commands that write artifacts of `kind` (for messages)."""
-    return [command for command, outputs in PRODUCES.items() if kind in outputs.values()]
-
 
 @dataclass(frozen=True)
 class Artifact:
@@ -88,6 +66,7 @@ class Artifact:
 
     path: Path
     name: str = "output"
+    kind: Kind | None = None  # outputs: what the artifact is (inputs need not say)
 
 
 @dataclass
@@ -109,6 +88,7 @@ class Recorded:
     sha256: str | None
     size: int
     nfiles: int
+    kind: str | None = None
 
 
 _ENTRY_FIELDS = {"id": str, "command": str, "params": dict, "inputs": list, "outputs": list,
@@ -139,13 +119,13 @@ class Entry:
         return next((i for i in self.inputs if i.name == name), None)
 
     def outputs_of(self, kind: Kind) -> list[Recorded]:
-        names = PRODUCES.get(self.command, {})
-        return [o for o in self.outputs if names.get(o.name) == kind]
+        return [o for o in self.outputs if o.kind == kind.value]
 
     def to_dict(self) -> dict[str, Any]:
         def art(a: Recorded) -> dict[str, Any]:
+            kind = {"kind": a.kind} if a.kind else {}
             return {"name": a.name, "path": a.path, "sha256": a.sha256, "size": a.size,
-                    "nfiles": a.nfiles}
+                    "nfiles": a.nfiles, **kind}
 
         return {"id": self.id, "command": self.command, "argv": list(self.argv),
                 "params": self.params, "inputs": [art(a) for a in self.inputs],
@@ -165,8 +145,9 @@ def _recorded(raw: Any, path: Path, where: str) -> Recorded:
     for key, kind in _ARTIFACT_FIELDS.items():
         if not isinstance(raw.get(key), kind):
             raise _malformed(path, f"{where} lacks a text '{key}'")
+    kind = raw.get("kind")
     return Recorded(raw["name"], raw["path"], raw.get("sha256"), int(raw.get("size") or 0),
-                    int(raw.get("nfiles") or 0))
+                    int(raw.get("nfiles") or 0), kind if isinstance(kind, str) else None)
 
 
 def parse_entry(raw: Any, path: Path, index: int) -> Entry:
@@ -257,77 +238,14 @@ class Resolved:
         return f"Using {what} from the manifest: {self.path}" if self.from_manifest else None
 
 
-@dataclass
-class PredictShards:
-    """The shard files of the latest `predict` run, and the shards with no finished entry."""
-
-    output_dir: str
-    num_shards: int
-    files: list[Path]
-    missing: list[int]
-
-
-class Step:
-    """One run of a folder-writing step, from its checks to its manifest entry.
-
-    Its stamp (command, settings, input hashes) is written into the output folder as the folder
-    is published (`publishing`). Run again with the same settings on the same inputs, the step
-    recognises that folder as its own: `up to date` when the ledger records it unchanged, or
-    `unrecorded` when a kill struck between publishing and recording (then it is recorded
-    without redoing the work). Anything else is `new` work.
-    """
-
-    def __init__(self, manifest: Manifest, command: str, params: dict[str, Any],
-                 inputs: list[Artifact], outputs: list[Artifact], folder: Path):
-        self.manifest, self.command, self.folder = manifest, command, Path(folder)
-        self.params, self.inputs, self.outputs = jsonable(params), inputs, outputs
-        identity = {"command": command, "params": self.params,
-                    "inputs": sorted((a.name, manifest.input_hash(a)) for a in inputs)}
-        self.key = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-    def stamp(self) -> bytes:
-        return orjson.dumps({"key": self.key, "command": self.command}, option=orjson.OPT_INDENT_2)
-
-    @contextlib.contextmanager
-    def publishing(self) -> Iterator[None]:
-        """Folders published inside this block carry the stamp."""
-        from cellpuzzle_cli.io import PUBLISH_EXTRAS
-
-        token = PUBLISH_EXTRAS.set(((STAMP_FILE, self.stamp()),))
-        try:
-            yield
-        finally:
-            PUBLISH_EXTRAS.reset(token)
-
-    def state(self) -> str:
-        """`new`, `up to date` or `unrecorded` (see the class docstring)."""
-        try:
-            stamp = orjson.loads((self.folder / STAMP_FILE).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return "new"
-        if not isinstance(stamp, dict) or stamp.get("key") != self.key:
-            return "new"
-        wanted = {self.manifest.relative(a.path) for a in self.outputs}
-        mine = [e for e in self.manifest.entries() if e.extra.get("key") == self.key
-                and {o.path for o in e.outputs} == wanted]
-        if not mine:
-            return "unrecorded"
-        newest = {o.path: o.sha256 for o in mine[-1].outputs}
-        unchanged = all(describe(self.manifest.resolve(rel))["sha256"] == sha
-                        for rel, sha in newest.items())
-        return "up to date" if unchanged else "new"
-
-    def record(self, started: float, extra: dict[str, Any] | None = None) -> Entry:
-        return self.manifest.record(self.command, self.params, self.inputs, self.outputs,
-                                    started, extra={"key": self.key, **(extra or {})})
-
-
 class Manifest:
     """Read and append entries of one manifest file."""
 
-    def __init__(self, path: Path | str = DEFAULT_PATH):
+    def __init__(self, path: Path | str = DEFAULT_PATH,
+                 kind_of: Callable[[str, str], Kind | None] | None = None):
         self.path = Path(path)
         self.root = self.path.resolve().parent
+        self._kind_of = kind_of  # for entries written before outputs carried their kind
         # Inputs are only read, so one process hashes each once (e.g. a model shared by Ray shards).
         self._inputs: dict[Path, dict[str, Any]] = {}
 
@@ -352,11 +270,35 @@ class Manifest:
         return data["entries"]
 
     def entries(self) -> list[Entry]:
-        return [parse_entry(raw, self.path, i) for i, raw in enumerate(self._load())]
+        return [self._with_kinds(parse_entry(raw, self.path, i))
+                for i, raw in enumerate(self._load())]
+
+    def _with_kinds(self, entry: Entry) -> Entry:
+        if self._kind_of is None or all(o.kind for o in entry.outputs):
+            return entry
+        outputs = []
+        for o in entry.outputs:
+            kind = o.kind or self._kind_of(entry.command, o.name)
+            outputs.append(replace(o, kind=kind.value if isinstance(kind, Kind) else kind))
+        return replace(entry, outputs=tuple(outputs))
 
     def check(self) -> None:
         """Fail now, before any work, if the ledger cannot be read or appended to."""
         self.entries()
+        folder = self.path.resolve().parent
+        target = self.path if self.path.exists() else folder
+        if not os.access(target, os.W_OK) or not os.access(folder, os.W_OK):
+            raise UserError(f"The manifest {self.path} cannot be written (no permission for "
+                            f"{target}), so this run could not be recorded. Make it writable, or "
+                            "point --manifest at a file in a folder you may write to.")
+
+    def find(self, matches: Callable[[Entry], bool]) -> Entry | None:
+        """The newest entry for which `matches` holds."""
+        return next((e for e in self._newest() if matches(e)), None)
+
+    def entries_of(self, command: str) -> list[Entry]:
+        """Every entry `command` made, oldest first."""
+        return [e for e in self.entries() if e.command == command]
 
     def resolve(self, rel: str) -> Path:
         return (self.root / rel).resolve()
@@ -404,12 +346,14 @@ class Manifest:
         base = entry.input("base_model") if entry else None
         return self.resolve(base.path) if base else None
 
-    def input_or_latest(self, given: Path | None, kind: Kind, what: str) -> Resolved:
-        """The user's input, else the newest recorded artifact of `kind` (which must exist)."""
+    def input_or_latest(self, given: Path | None, kind: Kind, what: str,
+                        made_by: Sequence[str] = ()) -> Resolved:
+        """The user's input, else the newest recorded artifact of `kind` (which must exist);
+        `made_by` names the commands that make such artifacts, for the message."""
         if given is not None:
             return Resolved(Path(given), False)
         found = self.latest_output(kind)
-        steps = " or ".join(f"`{c}`" for c in producers(kind))
+        steps = " or ".join(f"`{c}`" for c in made_by) or f"step that makes {kind.value}"
         if found is None:
             raise UserError(f"No {what} given and the manifest {self.path} records no {steps} "
                             f"run to take it from. Pass the {what} explicitly, or run "
@@ -420,39 +364,10 @@ class Manifest:
                             "made it.")
         return Resolved(found, True)
 
-    def predict_shards(self) -> PredictShards:
-        """Shard files of the latest `predict` run, and which shards have not completed."""
-        from cellpuzzle_cli.predict.shards import shard_filename
-
-        latest = self.latest("predict")
-        if latest is None:
-            raise UserError(f"No predictions given and the manifest {self.path} records no "
-                            "`predict` run. Pass prediction files or folders, or run `cellpuzzle "
-                            "predict` first.")
-        output_dir = latest.params.get("output_dir")
-        num_shards = int(latest.params.get("num_shards") or 1)
-        if output_dir is None:
-            raise UserError(f"The latest `predict` entry in {self.path} names no output_dir. Pass "
-                            "the prediction folder explicitly.")
-        names = {shard_filename(i, num_shards): i for i in range(num_shards)}
-        found: dict[int, Path] = {}
-        for entry in self.entries():
-            p = entry.params
-            if (entry.command != "predict" or not p.get("complete")
-                    or p.get("output_dir") != output_dir
-                    or int(p.get("num_shards") or 1) != num_shards):
-                continue
-            for out in entry.outputs_of(Kind.PREDICTIONS):
-                i = names.get(Path(out.path).name)
-                if i is not None and self.resolve(out.path).exists():
-                    found[i] = self.resolve(out.path)
-        missing = [i for i in range(num_shards) if i not in found]
-        return PredictShards(str(output_dir), num_shards, [found[i] for i in sorted(found)],
-                             missing)
-
     # -- writing -------------------------------------------------------------------------
     def _artifact(self, art: Artifact) -> dict[str, Any]:
-        return {"name": art.name, "path": self.relative(art.path), **describe(art.path)}
+        kind = {"kind": art.kind.value} if art.kind else {}
+        return {"name": art.name, "path": self.relative(art.path), **describe(art.path), **kind}
 
     def _input(self, art: Artifact) -> dict[str, Any]:
         key = Path(art.path).resolve()
@@ -464,11 +379,6 @@ class Manifest:
         """An input's content hash, computed once per process."""
         return self._input(art)["sha256"]
 
-    def step(self, command: str, params: dict[str, Any], inputs: Iterable[Artifact],
-             outputs: Iterable[Artifact], folder: Path) -> Step:
-        """A run of `command` about to write `folder` (see `Step`)."""
-        return Step(self, command, params, list(inputs), list(outputs), folder)
-
     def record(self, command: str, params: dict[str, Any], inputs: Iterable[Artifact],
                outputs: Iterable[Artifact], started: float, argv: list[str] | None = None,
                extra: dict[str, Any] | None = None) -> Entry:
@@ -478,10 +388,6 @@ class Manifest:
         from filelock import FileLock, Timeout
 
         outputs = list(outputs)
-        known = PRODUCES.get(command)
-        unknown = [o.name for o in outputs if known is None or o.name not in known]
-        if unknown:  # a programming error: the registry and the command disagree
-            raise ValueError(f"{command} records outputs {unknown} that PRODUCES does not list")
         finished = time.time()
         entry = {
             "id": uuid.uuid4().hex[:12],

@@ -15,13 +15,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cellpuzzle_cli.device import Dtype, dtype_name, torch_dtype
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import Progress, atomic_output_dir
-from cellpuzzle_cli.manifest import Artifact, Manifest
+from cellpuzzle_cli.manifest import Artifact
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.runner import Job
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class MergeLoraSettings:
+    """merge-lora's one setting (recorded in the manifest; the model folder holds no more)."""
+
+    dtype: Dtype = "auto"  # auto: the dtype the base model was saved in
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(self.dtype)
 
 
 
@@ -32,6 +46,7 @@ class MergeResult:
     base: str
     parameters: int
     dtype: str
+    copied: bool = False  # a full fine-tune, copied as it is
 
 
 def is_full_finetune(folder: Path) -> bool:
@@ -74,7 +89,7 @@ def copy_full_model(model: Path, out: Path, *, overwrite: bool = False,
                     sl.get_dtype(), sl.get_dtype())
     tick(1)
     return MergeResult(out=Path(out), adapter=model, base=str(model.resolve()), parameters=params,
-                       dtype=dtype)
+                       dtype=dtype, copied=True)
 
 
 def check_adapter(adapter: Path) -> dict[str, Any]:
@@ -108,8 +123,9 @@ def resolve_base(adapter: Path, base: str | Path | None = None,
                     f"{ADAPTER_CONFIG} names none and the manifest records none. Pass --base.")
 
 
-def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = False,
-                  trust_remote_code: bool = False, progress: Progress | None = None) -> MergeResult:
+def merge_adapter(adapter: Path, out: Path, base: str, *, dtype: str = "auto",
+                  overwrite: bool = False, trust_remote_code: bool = False,
+                  progress: Progress | None = None) -> MergeResult:
     """Load base + adapter, `merge_and_unload`, save weights, tokenizer and generation config."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -119,8 +135,9 @@ def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = Fals
     tick = progress or (lambda *a, **k: None)
     tick(0, total=3, description="loading base")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto",
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype if dtype == "auto" else torch_dtype(dtype, "cpu"),
+            trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load the base model '{base}' ({exc}). Pass its folder with "
                         "--base.") from exc
@@ -151,21 +168,30 @@ def merge_adapter(adapter: Path, out: Path, base: str, *, overwrite: bool = Fals
                        dtype=str(merged.dtype).removeprefix("torch."))
 
 
-@dataclass
-class MergePlan:
-    base: str
-    inputs: list[Artifact]
-    full_model: bool = False  # a full fine-tune: copy it, nothing to merge
+def plan(job: Job) -> None:
+    """A full fine-tune is copied; an adapter is merged into `--base`, else the base named in
+    its adapter_config.json, else the one the ledger recorded for its sft run."""
+    adapter = Path(job.inputs["adapter"])
+    job.flags["full_model"] = is_full_finetune(adapter)
+    if job.flags["full_model"]:
+        base = str(adapter.resolve())
+    else:
+        check_adapter(adapter)
+        given = job.flag("base")
+        recorded = job.ledger.base_model_of(adapter) if given is None else None
+        base = resolve_base(adapter, given, recorded)
+        if Path(base).exists():
+            job.artifacts.append(Artifact(Path(base), "base_model"))
+    job.flags["base"] = base
+    job.params = {"adapter": adapter, "base": base, **job.params}
 
 
-def plan_merge(manifest: Manifest, adapter: Path, base: str | Path | None) -> MergePlan:
-    """Which base to merge into (none for a full fine-tune), and the run's inputs."""
-    inputs = [Artifact(Path(adapter), "adapter")]
-    if is_full_finetune(adapter):
-        return MergePlan(str(Path(adapter).resolve()), inputs, full_model=True)
-    check_adapter(adapter)
-    recorded = manifest.base_model_of(adapter) if base is None else None
-    base_model = resolve_base(adapter, base, recorded)
-    if Path(base_model).exists():
-        inputs.append(Artifact(Path(base_model), "base_model"))
-    return MergePlan(base_model, inputs)
+def step(job: Job, progress: Progress) -> MergeResult:
+    """merge-lora as a pipeline step (see `runner`)."""
+    adapter = Path(job.inputs["adapter"])
+    if job.flags["full_model"]:
+        return copy_full_model(adapter, job.output, overwrite=job.overwrite, progress=progress)
+    return merge_adapter(adapter, job.output, job.flags["base"], dtype=job.settings.dtype,
+                         overwrite=job.overwrite, trust_remote_code=job.flag("trust_remote_code",
+                                                                             False),
+                         progress=progress)

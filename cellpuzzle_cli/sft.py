@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from cellpuzzle_cli.config import (
     Check,
@@ -37,11 +37,15 @@ from cellpuzzle_cli.config import (
     one_of,
     save_settings,
 )
+from cellpuzzle_cli.device import cuda_available, use_bf16
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.prompts import record_messages
 from cellpuzzle_cli.rationale import MODES as RATIONALE_MODES
 from cellpuzzle_cli.split import holdout, read_training_records
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.runner import Job
 
 FINETUNE_MODES = ("lora", "full")
 NonNegativeFloat = Annotated[float, Check(0)]  # config.NonNegative is for counts
@@ -118,6 +122,7 @@ class SftResult:
     resumed_from: str | None = None
     rationale_counts: dict[str, int] = field(default_factory=dict)
     processes: int = 1  # torchrun's world size
+    finetune: str = "lora"
 
     def summary(self) -> dict[str, Any]:
         """What the manifest keeps about the run (timings apart: see timings.json)."""
@@ -149,16 +154,6 @@ def prepare_examples(records: Sequence[dict[str, Any]], settings: SftSettings
 
 
 # -- model ----------------------------------------------------------------------------------
-def use_bf16(setting: bool | None) -> bool:
-    import torch
-
-    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if setting and not supported:
-        raise UserError("bf16=true needs a CUDA GPU with bf16 support, and none is available. "
-                        "Leave bf16 unset (auto) or set bf16=false.")
-    return supported if setting is None else setting
-
-
 def model_source(model: str | Path) -> str:
     """A local folder as an absolute path (so the adapter remembers it), else a hub id as given."""
     p = Path(model)
@@ -238,7 +233,7 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
         logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit, eval_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not cuda_available(),
     )
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_examples),
@@ -356,7 +351,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
                        last_loss=last, eval_loss=eval_loss, runtime_s=runtime,
                        device=str(trainer.args.device), bf16=bool(trainer.args.bf16),
                        trainable_params=trainable, resumed_from=str(ckpt) if ckpt else None,
-                       rationale_counts=counts, processes=world_size())
+                       rationale_counts=counts, processes=world_size(),
+                       finetune=settings.finetune)
     if not main:
         return result
     with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
@@ -381,3 +377,27 @@ def sort_adapter_module_lists(path: Path) -> None:
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# -- the pipeline step ----------------------------------------------------------------------
+def launch(job: Job) -> int | None:
+    """`--nproc-per-node N`: run this very command as N processes under torchrun (its exit
+    code), unless this process is already one of them."""
+    from cellpuzzle_cli.distributed import relaunch, world_size
+
+    nproc = job.flag("nproc_per_node", 1)
+    if nproc > 1 and world_size() == 1:
+        return relaunch(nproc, list(job.flag("argv", ())))
+    return None
+
+
+def plan(job: Job) -> None:
+    """The base model is recorded as an absolute folder (or the hub id as given)."""
+    job.params["model"] = model_source(job.inputs["base_model"])
+
+
+def step(job: Job, progress: Progress) -> SftResult:
+    """sft as a pipeline step (see `runner`)."""
+    return run_sft(job.inputs["base_model"], job.inputs["train"], job.output, job.settings,
+                   resume=job.flag("resume", False), overwrite=job.overwrite,
+                   trust_remote_code=job.flag("trust_remote_code", False), progress=progress)

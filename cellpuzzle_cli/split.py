@@ -48,6 +48,8 @@ from cellpuzzle_cli.prompts import check_answers, load_system_prompt
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
     import numpy as np
 
+    from cellpuzzle_cli.runner import Job
+
 GROUP_BY = ("donor", "dataset", "cell")
 TRAIN_FILE = "train.jsonl"
 TEST_FILE = "test.jsonl"
@@ -399,3 +401,9 @@ def holdout(records: Sequence[dict[str, Any]], size: float, seed: int,
     train = [r for i, r in enumerate(records) if i not in held]
     val = [r for i, r in enumerate(records) if i in held]
     return train, val
+
+
+def step(job: Job, progress: Progress) -> SplitResult:
+    """split as a pipeline step (see `runner`)."""
+    return split_puzzles(job.inputs["puzzles"], job.output, job.settings,
+                         overwrite=job.overwrite, progress=progress)

@@ -17,13 +17,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from cellpuzzle_cli.answer import answer_items, format_answer
 from cellpuzzle_cli.config import Check, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_output_dir
 from cellpuzzle_cli.prompts import record_messages
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.io import Progress
+    from cellpuzzle_cli.runner import Job
 
 DATA_SOURCE = "cellpuzzle"
 TRAIN_FILE, VAL_FILE = "train.parquet", "val.parquet"
@@ -108,3 +112,8 @@ def to_parquet(data: Path, out: Path, settings: ToParquetSettings, overwrite: bo
     whole = sorted(val_groups) if val_groups and not val_groups & train_groups else []
     return ToParquetResult(out=out, train=out / TRAIN_FILE, val=out / VAL_FILE,
                            n_train=len(train), n_val=len(val), val_groups=whole)
+
+
+def step(job: Job, progress: Progress) -> ToParquetResult:
+    """to-parquet as a pipeline step (see `runner`)."""
+    return to_parquet(job.inputs["train"], job.output, job.settings, overwrite=job.overwrite)

@@ -1,4 +1,4 @@
-"""pytest set-up: an offline environment for every test, and the `cli` fixture.
+"""pytest set-up: an offline environment for every test, the `cli` and `one_thread` fixtures.
 
 The helpers tests import (run_cli, assert_user_error, records, tiny models) are in fixtures.py.
 """
@@ -16,6 +16,19 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train ~10x faster on one thread when the machine's cores are shared (threads
+    otherwise spin against each other). Modules that train use it for all their tests:
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

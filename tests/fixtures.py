@@ -14,7 +14,7 @@ import contextlib
 import io
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,17 +325,6 @@ def foreign_model_dir(out: Path, records: Sequence[dict[str, Any]] | None = None
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return Path(out)
-
-
-def one_torch_thread() -> Iterator[None]:
-    """Generator for an autouse fixture: tiny models train ~10x faster on one thread when the
-    machine's cores are shared (threads otherwise spin against each other)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def teach_answer_format(model_dir: Path, train_parquet: Path, out_dir: Path, steps: int = 200,

@@ -10,7 +10,7 @@ import pytest
 from fixtures import assert_user_error
 
 from cellpuzzle_cli.build_context import ContextSettings
-from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.config import layer_settings
 from cellpuzzle_cli.synthetic import SyntheticSpec, write_synthetic_h5ad
 
 PBMC = Path(__import__("scanpy").__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
@@ -70,7 +70,7 @@ def test_pbmc_ranks_raw_x_and_matches_numpy(cli, tmp_path):
     assert all(r["batch_id"] is None for r in table)
     assert "peripheral blood mononuclear cells" in table[0]["context"]   # shipped YAML rule
 
-    saved = build_config(ContextSettings, out / "build-context.yaml")  # reloads as --config
+    saved = layer_settings(ContextSettings, out / "build-context.yaml")  # reloads as --config
     assert saved == ContextSettings(top_genes=20, cell_type_col="bulk_labels")
     entry = json.loads(cli.manifest.read_text())["entries"][-1]
     assert entry["command"] == "build-context"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cellpuzzle_cli.config import build_config, parse_overrides
+from cellpuzzle_cli.config import layer_settings, parse_overrides
 from cellpuzzle_cli.errors import UserError
 
 
@@ -27,26 +27,26 @@ def test_overrides_are_typed_like_yaml():
 def test_file_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("learning_rate: 0.01\nmax_steps: 5\n")
-    cfg = build_config(Example, f, {"max_steps": 7})
+    cfg = layer_settings(Example, f, {"max_steps": 7})
     assert (cfg.learning_rate, cfg.max_steps, cfg.resume) == (0.01, 7, None)
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(UserError) as exc:
-        build_config(Example, None, {"learning_rat": 1})
+        layer_settings(Example, None, {"learning_rat": 1})
     assert "learning_rat" in str(exc.value) and "Did you mean 'learning_rate'" in str(exc.value)
 
 
 def test_wrong_type_is_refused():
     with pytest.raises(UserError, match="max_steps"):
-        build_config(Example, None, {"max_steps": "ten"})
+        layer_settings(Example, None, {"max_steps": "ten"})
 
 
 def test_yaml_must_be_safe(tmp_path):
     f = tmp_path / "evil.yaml"
     f.write_text("learning_rate: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(UserError, match="not valid YAML"):
-        build_config(Example, f)
+        layer_settings(Example, f)
 
 
 def test_the_shipped_recipe_files_are_valid_settings_for_their_commands():
@@ -54,7 +54,7 @@ def test_the_shipped_recipe_files_are_valid_settings_for_their_commands():
     from pathlib import Path
 
     from cellpuzzle_cli.build_context import ContextSettings
-    from cellpuzzle_cli.config import build_config
+    from cellpuzzle_cli.config import layer_settings
     from cellpuzzle_cli.init_model import InitModelSettings
     from cellpuzzle_cli.make_qa import MakeQaSettings
     from cellpuzzle_cli.predict.settings import PredictSettings
@@ -69,7 +69,7 @@ def test_the_shipped_recipe_files_are_valid_settings_for_their_commands():
                "to-parquet": ToParquetSettings}
     assert {p.stem for p in recipe.glob("*.yaml")} == {*classes, "rl-grpo"}
     for step, cls in classes.items():
-        build_config(cls, recipe / f"{step}.yaml")
-    assert (recipe / build_config(SplitSettings, recipe / "split.yaml").system_prompt_file.name).is_file()
+        layer_settings(cls, recipe / f"{step}.yaml")
+    assert (recipe / layer_settings(SplitSettings, recipe / "split.yaml").system_prompt_file.name).is_file()
     rl = load_settings("grpo", recipe / "rl-grpo.yaml", {})
     assert rl.ours.backend == "trl"

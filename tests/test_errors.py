@@ -220,7 +220,7 @@ def test_output_name_longer_than_the_file_system_allows(pipeline, tmp_path, comm
     (["rl", "grpo", "--dry-run", "trainer.total_training_steps=abc"],
      "'trainer.total_training_steps' must be a whole number"),
     (["rl", "grpo", "--dry-run", "cellpuzzle.seed=ten"], "'cellpuzzle.seed' must be a whole number"),
-    (["rl", "grpo", "--dry-run", "--seed", "-1"], "'seed' must be between 0 and"),
+    (["rl", "grpo", "--dry-run", "--seed", "-1"], "'cellpuzzle.seed' must be between 0 and"),
     (["rl", "grpo", "--dry-run", "actor_rollout_ref.actor.optim.lr=-1"], "greater than 0"),
 ])
 def test_bad_values_are_refused_before_any_work(pipeline, tmp_path, args, fragment):
@@ -229,13 +229,13 @@ def test_bad_values_are_refused_before_any_work(pipeline, tmp_path, args, fragme
 
 
 def test_a_yaml_file_and_overrides_read_numbers_alike(pipeline, tmp_path):
-    from cellpuzzle_cli.config import build_config, parse_overrides
+    from cellpuzzle_cli.config import layer_settings, parse_overrides
     from cellpuzzle_cli.predict.settings import PredictSettings
 
     path = tmp_path / "p.yaml"
     path.write_text("temperature: 7e-1\ntop_p: 5e-1\n")
-    from_file = build_config(PredictSettings, path)
-    from_overrides = build_config(PredictSettings, None,
+    from_file = layer_settings(PredictSettings, path)
+    from_overrides = layer_settings(PredictSettings, None,
                                   parse_overrides(["temperature=7e-1", "top_p=5e-1"]))
     assert from_file == from_overrides and from_file.temperature == 0.7
 

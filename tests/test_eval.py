@@ -13,6 +13,7 @@ from fixtures import (
     answered,
     assert_user_error,
     gold_records,
+    message_text,
     prediction_lines,
     run_cli,
     write_records,
@@ -44,7 +45,7 @@ def id_pipeline(tmp_path_factory) -> dict[str, Path]:
     for step in steps:
         result = run_cli(*step, manifest=manifest)
         assert result.code == 0, result.output
-        outputs.append(result.output)
+        outputs.append(message_text(result))
     return {"root": root, "manifest": manifest, "h5ad": h5ad, "build_output": outputs[0]}
 
 
@@ -54,7 +55,7 @@ def test_labels_read_from_ontologies_when_only_ids_exist(id_pipeline):
 
     from cellpuzzle_cli.ontology import term_label
 
-    flat = " ".join(id_pipeline["build_output"].split())
+    flat = id_pipeline["build_output"]
     assert flat.count("obs has only ontology term IDs") == 1
     assert "cell_type, sex, development_stage" in flat
     table = pq.read_table(id_pipeline["root"] / "cells" / "atlas.parquet").to_pylist()

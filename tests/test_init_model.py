@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from fixtures import assert_user_error, make_records, one_torch_thread, write_records
+from fixtures import assert_user_error, make_records, write_records
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_model_from_the_manifest_split_feeds_sft(cli, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from fixtures import TABLE_TYPES, assert_user_error, cell_rows, donors_dataset, write_cells
 
 from cellpuzzle_cli.answer import ANSWER_SEPARATOR
-from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.config import layer_settings
 from cellpuzzle_cli.make_qa import MakeQaSettings, count_cell_sets, make_puzzles
 from cellpuzzle_cli.prompts import parse_question
 
@@ -132,7 +132,7 @@ def test_cli_is_deterministic_and_seeded(tmp_path, cli):
     for name in ("puzzles.jsonl", "make-qa.yaml"):
         assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes()
     assert (runs[0] / "puzzles.jsonl").read_bytes() != (runs[2] / "puzzles.jsonl").read_bytes()
-    saved = build_config(MakeQaSettings, runs[0] / "make-qa.yaml")
+    saved = layer_settings(MakeQaSettings, runs[0] / "make-qa.yaml")
     assert saved == MakeQaSettings(per_n=5, seed=7)
     again = cli("make-qa", cells, "-o", tmp_path / "again", "--config", runs[0] / "make-qa.yaml")
     assert again.code == 0, again.output

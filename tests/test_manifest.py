@@ -11,14 +11,16 @@ import pytest
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_output_dir
-from cellpuzzle_cli.manifest import PRODUCES, STAMP_FILE, Artifact, Kind, Manifest, describe
+from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, describe
+from cellpuzzle_cli.runner import STAMP_FILE, Stamp
+from cellpuzzle_cli.steps import STEPS, kind_of
 
 
 def _append(path: str, i: int) -> None:
     out = Path(path).parent / f"out{i}.txt"
     out.write_text(str(i))
-    Manifest(path).record("predict", {"shard_index": i}, [], [Artifact(out, "predictions")],
-                          time.time())
+    Manifest(path).record("predict", {"shard_index": i}, [],
+                          [STEPS["predict"].artifact("predictions", out)], time.time())
 
 
 def test_entry_records_relative_paths_hashes_and_versions(tmp_path):
@@ -31,14 +33,15 @@ def test_entry_records_relative_paths_hashes_and_versions(tmp_path):
     (out / "sub").mkdir()
     (out / "sub" / "b.txt").write_text("bb")
     m = Manifest(tmp_path / "cellpuzzle.json")
-    m.record("make-qa", {"seed": 1}, [Artifact(data, "cells")], [Artifact(out, "puzzles")],
-             time.time(), argv=["cellpuzzle", "make-qa"])
+    m.record("make-qa", {"seed": 1}, [Artifact(data, "cells")],
+             [STEPS["make-qa"].artifact("puzzles", out)], time.time(),
+             argv=["cellpuzzle", "make-qa"])
     entry = orjson.loads((tmp_path / "cellpuzzle.json").read_bytes())["entries"][0]
     assert entry["inputs"][0]["path"] == "data/in.txt"
     assert entry["inputs"][0]["sha256"] == \
         "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
     assert entry["outputs"][0] == {"name": "puzzles", "path": "out", "sha256": describe(out)["sha256"],
-                                   "size": 3, "nfiles": 2}
+                                   "size": 3, "nfiles": 2, "kind": "puzzles"}
     assert entry["params"] == {"seed": 1}
     assert entry["versions"]["cellpuzzle"]
     assert m.latest_output(Kind.PUZZLES) == out.resolve()
@@ -58,8 +61,8 @@ def test_latest_output_prefers_newest_and_sibling_lookup(tmp_path):
         d.mkdir()
         (d / "train.jsonl").write_text("{}")
         (d / "test.jsonl").write_text("{}")
-        m.record("split", {}, [], [Artifact(d / "train.jsonl", "train"),
-                                   Artifact(d / "test.jsonl", "test")], time.time())
+        m.record("split", {}, [], [STEPS["split"].artifact("train", d / "train.jsonl"),
+                                   STEPS["split"].artifact("test", d / "test.jsonl")], time.time())
     assert m.latest_output(Kind.TEST_PUZZLES) == (tmp_path / "split1" / "test.jsonl").resolve()
     assert m.sibling_output(tmp_path / "split0" / "test.jsonl", Kind.TRAIN_PUZZLES) == \
         (tmp_path / "split0" / "train.jsonl").resolve()
@@ -118,8 +121,8 @@ def test_one_run_hashes_a_shared_input_once_but_every_output(tmp_path, monkeypat
     for i in range(3):  # e.g. three Ray shards recorded by one process
         out = tmp_path / f"shard-{i}.jsonl"
         out.write_text(str(i))
-        m.record("predict", {}, [Artifact(model, "model")], [Artifact(out, "predictions")],
-                 time.time())
+        m.record("predict", {}, [Artifact(model, "model")],
+                 [STEPS["predict"].artifact("predictions", out)], time.time())
     assert hashed.count(model) == 1
     assert sum(p.name.startswith("shard-") for p in hashed) == 3
     sums = {e.inputs[0].sha256 for e in m.entries()}
@@ -152,20 +155,26 @@ def test_manifest_that_is_a_folder_is_a_user_error(tmp_path):
 
 def test_every_model_producer_is_found_as_the_latest_model(tmp_path):
     m = Manifest(tmp_path / "m.json")
-    makers = [c for c, outs in PRODUCES.items() if Kind.MODEL in outs.values()]
+    makers = [c for c, spec in STEPS.items() if Kind.MODEL in spec.output_kinds().values()]
     assert {"init-model", "merge-lora", "convert-ckpt", "rl grpo"} <= set(makers)
     for command in makers:
         folder = tmp_path / command.replace(" ", "-")
         folder.mkdir()
-        name = next(n for n, k in PRODUCES[command].items() if k is Kind.MODEL)
-        m.record(command, {}, [], [Artifact(folder, name)], time.time())
+        name = next(n for n, k in STEPS[command].output_kinds().items() if k is Kind.MODEL)
+        m.record(command, {}, [], [STEPS[command].artifact(name, folder)], time.time())
         assert m.latest_output(Kind.MODEL) == folder.resolve(), command
 
 
-def test_recording_an_output_the_registry_does_not_know_fails(tmp_path):
-    with pytest.raises(ValueError, match="PRODUCES"):
-        Manifest(tmp_path / "m.json").record("split", {}, [], [Artifact(tmp_path, "model")],
-                                              time.time())
+def test_entries_written_before_outputs_carried_their_kind_still_answer(tmp_path):
+    """A manifest from an older cellpuzzle (outputs without `kind`) is read with the step
+    table's kinds, so its latest model is still found; without them it simply has none."""
+    folder = tmp_path / "sft-model"
+    folder.mkdir()
+    path = tmp_path / "m.json"
+    Manifest(path).record("merge-lora", {}, [], [Artifact(folder, "model")], time.time())
+    assert "kind" not in orjson.loads(path.read_bytes())["entries"][0]["outputs"][0]
+    assert Manifest(path).latest_output(Kind.MODEL) is None
+    assert Manifest(path, kind_of=kind_of).latest_output(Kind.MODEL) == folder.resolve()
 
 
 def test_base_model_of_an_adapter(tmp_path):
@@ -173,7 +182,8 @@ def test_base_model_of_an_adapter(tmp_path):
     for folder in (base, adapter):
         folder.mkdir()
     m = Manifest(tmp_path / "m.json")
-    m.record("sft", {}, [Artifact(base, "base_model")], [Artifact(adapter, "adapter")], time.time())
+    m.record("sft", {}, [Artifact(base, "base_model")], [STEPS["sft"].artifact("adapter", adapter)],
+             time.time())
     assert m.base_model_of(adapter) == base.resolve()
     assert m.base_model_of(base) is None
 
@@ -182,21 +192,21 @@ def test_a_step_knows_its_own_output_recorded_or_not(tmp_path):
     data, out = tmp_path / "in.txt", tmp_path / "out"
     data.write_text("cells")
     m = Manifest(tmp_path / "m.json")
+    outputs = [STEPS["make-qa"].artifact("puzzles", out)]
 
-    def step(seed: int = 1):
-        return m.step("make-qa", {"seed": seed}, [Artifact(data, "cells")],
-                      [Artifact(out, "puzzles")], out)
+    def stamp(seed: int = 1, ledger: Manifest = m) -> Stamp:
+        return Stamp(ledger, "make-qa", {"seed": seed}, [Artifact(data, "cells")], outputs, out)
 
-    assert step().state() == "new"
-    with step().publishing(), atomic_output_dir(out) as tmp:
+    assert stamp().state() == "new"
+    with stamp().publishing(), atomic_output_dir(out) as tmp:
         (tmp / "puzzles.jsonl").write_text("{}")
     assert (out / STAMP_FILE).is_file()
-    assert step().state() == "unrecorded"      # killed between publishing and recording
-    assert step(seed=2).state() == "new"       # other settings: not this run's output
-    step().record(time.time())
-    assert step().state() == "up to date"
+    assert stamp().state() == "unrecorded"      # killed between publishing and recording
+    assert stamp(seed=2).state() == "new"       # other settings: not this run's output
+    m.record("make-qa", {"seed": 1}, [Artifact(data, "cells")], outputs, time.time(),
+             extra={"key": stamp().key})
+    assert stamp().state() == "up to date"
     (out / "puzzles.jsonl").write_text("edited")
-    assert step().state() == "new"             # changed since it was recorded
+    assert stamp().state() == "new"             # changed since it was recorded
     data.write_text("other cells")
-    assert Manifest(m.path).step("make-qa", {"seed": 1}, [Artifact(data, "cells")],
-                                 [Artifact(out, "puzzles")], out).state() == "new"
+    assert stamp(ledger=Manifest(m.path)).state() == "new"

@@ -12,14 +12,10 @@ from fixtures import (
     assert_user_error,
     foreign_model_dir,
     make_records,
-    one_torch_thread,
     tiny_model_dir,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from fixtures import assert_user_error, make_records, tiny_model_dir, write_records
 
-from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.config import layer_settings
 from cellpuzzle_cli.io import iter_jsonl
 from cellpuzzle_cli.manifest import Artifact, Manifest
 from cellpuzzle_cli.predict.settings import PredictJob, PredictSettings
@@ -61,7 +61,7 @@ def reference_answers(model_dir: Path, records: list[dict], max_new_tokens: int)
 
 
 def test_shipped_config_loads_with_overrides():
-    cfg = build_config(PredictSettings, None, {"temperature": 0.7, "n": 4}, default_file="predict.yaml")
+    cfg = layer_settings(PredictSettings, None, {"temperature": 0.7, "n": 4}, shipped="predict.yaml")
     assert (cfg.backend, cfg.temperature, cfg.n, cfg.max_new_tokens) == ("auto", 0.7, 4, 1024)
 
 
@@ -86,7 +86,7 @@ def test_hf_backend_batched_lines_equal_one_at_a_time_generation(cli, assets, tm
         assert row["error"] is None and row["completion_tokens"] == 6 and row["prompt_tokens"] > 50
     run = orjson.loads((out / ".predict-run.json").read_bytes())
     assert run["max_new_tokens"] == 6
-    saved = build_config(PredictSettings, out / "predict.yaml")  # reloads as a --config file
+    saved = layer_settings(PredictSettings, out / "predict.yaml")  # reloads as a --config file
     assert saved.max_new_tokens == 6 and saved.batch_size == 5 and saved.backend == "hf"
 
 
@@ -186,7 +186,7 @@ def test_out_of_memory_batch_is_retried_smaller_and_answers_stay_real(assets, tm
     cfg = PredictSettings(backend="hf", max_new_tokens=4, batch_size=8)
     flaky = FlakyBackend(HFBackend(assets["model"], cfg), marked="puzzle-002")
     settings = PredictJob(data=assets["data"], output_dir=tmp_path / "p",
-                               model=assets["model"], config=cfg)
+                               model=assets["model"], settings=cfg)
     result = run_predict(settings, backend_obj=flaky)
     assert result.errors == 0 and result.generated == 12
     assert 4 in flaky.calls and max(flaky.calls) == 8  # 8 failed, split into halves of 4, 2
@@ -251,7 +251,6 @@ def test_vllm_sampling_settings_match_the_hf_backend(assets, settings):
     assert (vllm["temperature"] == 0) == greedy   # vLLM samples greedily at temperature 0
     if not greedy:
         assert (vllm["temperature"], vllm["top_p"]) == (hf.temperature, hf.top_p)
-    assert vllm["seed"] == config.seed
 
 
 def test_vllm_engine_settings_and_outputs(assets):

@@ -47,7 +47,7 @@ def test_trl_grpo_trains_and_logs_our_reward(cli, inputs, tmp_path):
     # An untrained model never answers in the layout: every reward is -1, GRPO learns nothing,
     # and the run says so loudly instead of pretending it trained.
     assert {r["reward"] for r in records} == {-1.0}
-    assert "rl: warning" in result.output
+    assert "rl grpo: warning" in result.output
     assert "identical in all 2 round(s)" in " ".join(result.output.split())
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [row for row in logged if "reward_mean" in row]

@@ -11,6 +11,7 @@ import pytest
 from fixtures import assert_user_error, make_rl_data, tiny_model_dir
 
 from cellpuzzle_cli.config import load_yaml, shipped_config
+from cellpuzzle_cli.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,12 @@ def _compose(result_overrides):
 def _dry(algorithm, inputs, *extra, **kw):
     from cellpuzzle_cli.manifest import Manifest
     from cellpuzzle_cli.rl.run import RLRequest, run_rl
+    from cellpuzzle_cli.rl.settings import load_settings
 
     req = RLRequest(algorithm=algorithm, dry_run=True, train=inputs["train"], val=inputs["val"],
                     model=inputs["model"], **kw)
-    return run_rl(req, Manifest(inputs["train"].parent / "unused.json"))
+    settings = load_settings(algorithm, req.config_file, req.overrides)
+    return run_rl(req, settings, Manifest(inputs["train"].parent / "unused.json"))
 
 
 def test_grpo_dry_run_composes_cello1_settings(cli, inputs, tmp_path):
@@ -154,7 +157,14 @@ def test_a_live_ray_head_passes_the_check():
 
     ray.init(num_cpus=1, include_dashboard=False)
     try:
-        check_ray_address(ray.get_runtime_context().gcs_address, 5)
+        address = ray.get_runtime_context().gcs_address
+        check_ray_address(address, 5)   # the live head answers: no error
+        host = address.rsplit(":", 1)[0]
+        with socket.socket() as probe:  # a port nothing listens on, beside it
+            probe.bind((host, 0))
+            closed = probe.getsockname()[1]
+        with pytest.raises(UserError, match="No Ray cluster answers"):
+            check_ray_address(f"{host}:{closed}", 2)
     finally:
         ray.shutdown()
 
@@ -216,15 +226,22 @@ def test_shipped_configs_use_no_legacy_keys(name):
     from cellpuzzle_cli.rl.settings import check_legacy, flatten
 
     raw = load_yaml(shipped_config(name))
-    for key in flatten({k: v for k, v in raw.items() if k != "cellpuzzle"}):
+    keys = list(flatten({k: v for k, v in raw.items() if k != "cellpuzzle"}))
+    assert "actor_rollout_ref.actor.optim.lr" in keys   # the walk reaches nested verl keys
+    for key in keys:
         check_legacy(key)
+    with pytest.raises(UserError, match="legacy verl reward key"):  # and the check bites
+        check_legacy("custom_reward_function.path")
 
 
 def test_installed_stack_runs_verl_and_its_trl_patch():
     """verl's FSDP monkey patch imports trl's value-head model; trl 1.x lacks it (see
     docs/dependencies.md), so a resolver that drifts to trl 1.x breaks verl at run time."""
-    import verl.trainer.main_ppo  # noqa: F401
-    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead  # noqa: F401
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+    from verl.trainer import main_ppo
+
+    assert callable(main_ppo.main)
+    assert callable(AutoModelForCausalLMWithValueHead.from_pretrained)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
@@ -251,7 +268,10 @@ def test_nested_yaml_config_file_with_a_typo(cli, inputs, tmp_path):
                       "  ref:\n    log_prob_micro_batch_size_per_gpu: 1\n")
     from cellpuzzle_cli.manifest import Manifest
     from cellpuzzle_cli.rl.run import RLRequest, run_rl
+    from cellpuzzle_cli.rl.settings import load_settings
 
     req = RLRequest("grpo", config_file=config, dry_run=True, train=inputs["train"],
                     val=inputs["val"], model=inputs["model"])
-    assert "actor_rollout_ref.rollout.n=4" in run_rl(req, Manifest(tmp_path / "m.json")).overrides
+    settings = load_settings("grpo", config)
+    assert "actor_rollout_ref.rollout.n=4" in run_rl(req, settings,
+                                                     Manifest(tmp_path / "m.json")).overrides

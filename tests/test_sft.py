@@ -8,21 +8,18 @@ from fixtures import (
     assert_user_error,
     foreign_model_dir,
     make_records,
-    one_torch_thread,
     tiny_model_dir,
     write_records,
 )
 
-from cellpuzzle_cli.config import build_config
+from cellpuzzle_cli.config import layer_settings
 from cellpuzzle_cli.sft import SftSettings
 
 FAST = ["lora_r=8", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
         "logging_steps=1", "eval_size=0.1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +62,10 @@ def completion_loss(model, tok, examples) -> float:
 
 # -- config ---------------------------------------------------------------------------------
 def test_shipped_config_is_cello1_recipe():
-    from cellpuzzle_cli.config import build_config
+    from cellpuzzle_cli.config import layer_settings
     from cellpuzzle_cli.sft import SftSettings
 
-    s = build_config(SftSettings, default_file="sft.yaml")
+    s = layer_settings(SftSettings, shipped="sft.yaml")
     assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules) == (256, None, 0.05, "all-linear")
     assert (s.learning_rate, s.max_length, s.rationale) == (5e-5, 4096, "template")
 
@@ -163,7 +160,7 @@ def test_sft_lowers_training_loss_and_records_the_run(cli, train_file, tiny, rec
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
                  "sft.yaml", "metrics.jsonl", "timings.json", "curves.png"):
         assert (out / name).is_file(), name
-    settings = build_config(SftSettings, out / "sft.yaml")  # the saved settings reload
+    settings = layer_settings(SftSettings, out / "sft.yaml")  # the saved settings reload
     assert settings.max_steps == 20 and settings.lora_r == 16
     assert orjson.loads((out / "adapter_config.json").read_bytes())["lora_alpha"] == 32
     assert not (tmp_path / ".adapter.checkpoints").exists()
@@ -260,7 +257,7 @@ def test_full_finetune_trains_every_weight_and_merge_lora_copies_it(cli, train_f
     assert base.keys() == tuned.keys()
     unchanged = [k for k in base if (base[k] == tuned[k]).all()]
     assert not unchanged, unchanged
-    assert build_config(SftSettings, out / "sft.yaml").finetune == "full"
+    assert layer_settings(SftSettings, out / "sft.yaml").finetune == "full"
 
     merged = tmp_path / "merged"
     result = cli("merge-lora", out, "-o", merged)

@@ -41,7 +41,7 @@ class BuildResult:
 
     @property
     def warnings(self) -> list[str]:
-        return [w for f in self.files for w in f.warnings]
+        return [f"{f.output}: {w}" for f in self.files for w in f.warnings]
 
     def summary(self) -> dict[str, Any]:
         """What the manifest keeps beside the settings: per-file counts, no timings."""

@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A failure the user can fix (see `errors.explain`) exits 2 with one paragraph;
     a bug keeps its traceback. CELLPUZZLE_DEBUG=1 shows the traceback for both."""
     from cellpuzzle_cli.cli.app import app
-    from cellpuzzle_cli.cli.common import ARGV
+    from cellpuzzle_cli.cli.common import ARGV, FORMAT
 
     ARGV.set(tuple(sys.argv[1:] if argv is None else argv))
+    FORMAT.set("human")
     try:
         app(args=argv, prog_name="cellpuzzle")
     except KeyboardInterrupt:
@@ -34,4 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         if message is None or os.environ.get("CELLPUZZLE_DEBUG") == "1":
             raise
         _report(message)
+        if FORMAT.get() == "json":  # scripts reading stdout learn of the failure there too
+            import orjson
+
+            sys.stdout.write(orjson.dumps({"state": "error", "error": message,
+                                           "exit_code": EXIT_USER_ERROR}).decode() + "\n")
         sys.exit(EXIT_USER_ERROR)

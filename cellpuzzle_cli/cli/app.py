@@ -23,6 +23,7 @@ from cellpuzzle_cli.cli import (
     to_parquet,
 )
 from cellpuzzle_cli.manifest import DEFAULT_PATH, Manifest
+from cellpuzzle_cli.steps import kind_of
 
 app = typer.Typer(
     name="cellpuzzle",
@@ -53,7 +54,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    ctx.obj = {"manifest": Manifest(manifest)}  # one per run: it remembers what it hashed
+    ctx.obj = {"manifest": Manifest(manifest, kind_of=kind_of)}  # one per run: it remembers hashes
 
 
 app.command("build-context")(build_context.build_context)

@@ -10,22 +10,24 @@ import typer
 from cellpuzzle_cli.build_context import ContextSettings
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
     Overwrite,
     Seed,
     console,
-    err_console,
-    run_step,
-    start,
-    step_settings,
+    execute,
+    given,
+    split_args,
 )
-from cellpuzzle_cli.manifest import Artifact
+from cellpuzzle_cli.runner import Request
 
 
 def build_context(
     ctx: typer.Context,
-    inputs: Annotated[list[Path], typer.Argument(
-        help=".h5ad files and/or folders (searched recursively).", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(
+        help=".h5ad files and/or folders (searched recursively), and key=value settings.",
+        show_default=False)],
     output: OutputDir,
     top_genes: Annotated[int, typer.Option(
         "--top-genes", help="Genes listed per cell, highest expression first.")]
@@ -62,6 +64,7 @@ def build_context(
     = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Per-cell top genes and donor context from .h5ad files.
 
@@ -74,25 +77,21 @@ def build_context(
     ranked on .raw.X or layers['counts'] instead.
 
     Example: [bold]cellpuzzle build-context data/ -o cells/ --max-cells 20000[/bold]
-    """
-    from cellpuzzle_cli.build_context import build_context as run
-    from cellpuzzle_cli.build_context import h5ad_inputs
-    from cellpuzzle_cli.config import settings_dict
 
-    started = start(ctx)
-    settings = step_settings(ctx, ContextSettings, config, top_genes=top_genes,
-                             cell_type_col=cell_type_col, cell_type_id_col=cell_type_id_col,
-                             donor_col=donor_col, batch_col=batch_col, gene_col=gene_col,
-                             max_cells=max_cells, seed=seed, workers=workers,
-                             context_config=context_config)
-    files = [Artifact(path, "h5ad") for path in h5ad_inputs(inputs)]
-    result = run_step(
-        ctx, started, "build-context", params={**settings_dict(settings), "inputs": inputs},
-        inputs=files, outputs=[Artifact(output, "cells")], folder=output, overwrite=overwrite,
-        label="build-context", unit="cells",
-        work=lambda update: run(inputs, output, settings, overwrite=overwrite, progress=update))
-    if result is not None:
-        _print_summary(result)
+    Example: [bold]cellpuzzle build-context data/ -o cells/ top_genes=20[/bold]
+    """
+    files, overrides = split_args(inputs)
+    if not files:
+        from cellpuzzle_cli.errors import UserError
+
+        raise UserError("No .h5ad files or folders given. Pass at least one, e.g. "
+                        "`cellpuzzle build-context data/ -o cells/`.")
+    options = given(ctx, top_genes=top_genes, cell_type_col=cell_type_col,
+                    cell_type_id_col=cell_type_id_col, donor_col=donor_col, batch_col=batch_col,
+                    gene_col=gene_col, max_cells=max_cells, seed=seed, workers=workers,
+                    context_config=context_config)
+    execute(ctx, Request("build-context", {"h5ad": files}, output, options, overrides, config,
+                         overwrite), fmt, lambda outcome: _print_summary(outcome.result))
 
 
 def _print_summary(result) -> None:
@@ -116,6 +115,3 @@ def _print_summary(result) -> None:
                       f"{f.dropped_suspension:,}/{f.dropped_nan_type:,}/{f.dropped_subsample:,}",
                       f"{f.donors}/{f.cell_types}", f.matrix, f"{f.cells_per_s:,.0f}")
     console.print(table)
-    for f in result.files:
-        for w in f.warnings:
-            err_console.print(f"[yellow]warning:[/yellow] {f.output}: {w}")

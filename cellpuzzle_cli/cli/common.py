@@ -1,44 +1,67 @@
-"""What every command shares: option aliases, the manifest, consoles, progress bars.
+"""What every command shares: option aliases, the manifest, consoles, progress bars, and
+`execute`, which hands a parsed request to the runner and prints the outcome.
 
-Command modules only parse options, call one service, print its result and record the run.
-Nothing heavy is imported here, so `cellpuzzle --help` stays instant.
+Command modules only parse options into a `runner.Request`, call `execute` and say how a
+finished run's result reads as text. Nothing heavy is imported here, so `cellpuzzle --help`
+stays instant.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import time
-from collections.abc import Callable, Iterable, Iterator
+import re
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from cellpuzzle_cli.manifest import Artifact, Kind, Manifest, RunRecord, Step
+from cellpuzzle_cli.manifest import Manifest
 
-T = TypeVar("T")
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from cellpuzzle_cli.runner import Outcome, Request
+
 console = Console()
 err_console = Console(stderr=True)
+# The output format of this invocation: the error handler prints JSON too when it is "json".
+FORMAT: contextvars.ContextVar[str] = contextvars.ContextVar("format", default="human")
 
 # -- shared option aliases ---------------------------------------------------------------
+class OutputFormat(str, Enum):
+    human = "human"
+    json = "json"
+
+
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 OptionalOutputDir = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an output folder that already holds results.")]
 # The arguments of this invocation (commands that relaunch themselves need them).
 ARGV: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("argv", default=())
 _SEED_HELP = "Seed for every random choice (0 to 4294967295); same seed, same bytes."
 Seed = Annotated[int, typer.Option("--seed", help=_SEED_HELP)]
 # For config-driven commands, where the seed otherwise comes from the config's `seed` key.
-OptionalSeed = Annotated[int | None, typer.Option("--seed", help=_SEED_HELP + " Default: the "
-                                                  "config's seed key.", show_default=False)]
+OptionalSeed = Annotated[int | None, typer.Option(
+    "--seed", help=_SEED_HELP + " Default: the config's seed key.", show_default=False)]
 ConfigFile = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML settings file, e.g. the <command>.yaml a previous run saved "
                            "beside its output; options and key=value overrides win over it.")]
-Overrides = Annotated[list[str] | None, typer.Argument(help="key=value config overrides.", show_default=False)]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside a model folder (off by default: model folders come from strangers).")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="key=value settings (the keys of --config files), e.g. seed=3.", show_default=False)]
+Format = Annotated[OutputFormat, typer.Option(
+    "--format", help="human: tables and messages; json: the outcome (outputs, counts, "
+                     "warnings, timings) as one JSON object on stdout, for scripts and "
+                     "workflow managers.")]
+ModelDir = Annotated[Path | None, typer.Option(
+    "--model", help="Hugging Face model folder (or a hub id already in the local cache). "
+                    "Default: the newest model in the manifest.", show_default=False)]
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run Python code shipped inside a model folder (off by default: "
+                                "model folders come from strangers).")]
 
 
 def manifest(ctx: typer.Context) -> Manifest:
@@ -46,11 +69,42 @@ def manifest(ctx: typer.Context) -> Manifest:
     return ctx.find_root().obj["manifest"]
 
 
-def input_or_latest(ctx: typer.Context, given: Path | None, kind: Kind, what: str) -> Path:
-    """The user's input, else the newest recorded artifact of `kind` (said on stderr)."""
-    resolved = manifest(ctx).input_or_latest(given, kind, what)
-    say(resolved.note(what))
-    return resolved.path
+def given(ctx: typer.Context, **options: Any) -> dict[str, Any]:
+    """The options the user set on the command line (an option left at its default does not
+    override a `--config` file or a `key=value` override)."""
+    def on_command_line(name: str) -> bool:  # by name: Typer ships its own copy of click
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {k: v for k, v in options.items() if on_command_line(k)}
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.+~-]*=")
+
+
+def is_override(arg: str | Path | None) -> bool:
+    """`key=value` (and no file of that name): a setting, not a path."""
+    return arg is not None and bool(_OVERRIDE.match(str(arg))) and not Path(arg).exists()
+
+
+def split_args(args: list[Any] | None) -> tuple[list[Path], list[str]]:
+    """Positional arguments as (paths, key=value overrides): a command whose inputs are
+    positional takes its overrides in the same place."""
+    args = list(args or [])
+    return ([Path(a) for a in args if not is_override(a)],
+            [str(a) for a in args if is_override(a)])
+
+
+def one_path(path: Path | None, overrides: list[str] | None,
+             what: str) -> tuple[Path | None, list[str]]:
+    """A command's one optional positional path and its `key=value` overrides, in any order."""
+    paths, settings = split_args([path, *(overrides or [])] if path is not None else overrides)
+    if len(paths) > 1:
+        from cellpuzzle_cli.errors import UserError
+
+        raise UserError(f"Several {what} given ({', '.join(map(str, paths))}); give one. "
+                        "Settings go as key=value (e.g. seed=3).")
+    return (paths[0] if paths else None), settings
 
 
 def say(*notes: str | None) -> None:
@@ -62,89 +116,53 @@ def say(*notes: str | None) -> None:
             err_console.print(f"[dim]{escape(note)}[/dim]")
 
 
-def record(ctx: typer.Context, command: str, params: dict[str, Any], started: float,
-           inputs: Iterable[Path | Artifact], outputs: Iterable[Path | Artifact],
-           extra: dict[str, Any] | None = None) -> None:
-    """Append this run to the manifest."""
-    def art(x: Path | Artifact, default: str) -> Artifact:
-        return x if isinstance(x, Artifact) else Artifact(Path(x), default)
+def warn(*warnings: str, title: str = "warning") -> None:
+    """Each warning as a yellow panel on stderr."""
+    from rich.markup import escape
+    from rich.panel import Panel
 
-    manifest(ctx).record(command, params, [art(i, "input") for i in inputs],
-                         [art(o, "output") for o in outputs], started, extra=extra)
-
-
-def record_run(ctx: typer.Context, command: str, run: RunRecord, started: float) -> None:
-    """Append a run a service described (see `manifest.RunRecord`)."""
-    manifest(ctx).record(command, run.params, run.inputs, run.outputs, started, extra=run.extra)
+    for text in warnings:
+        err_console.print(Panel(escape(text), title=title, title_align="left",
+                                border_style="yellow", expand=False))
 
 
-def step_settings(ctx: typer.Context, cls: type[T], config: Path | None, **options: Any) -> T:
-    """A step's settings: dataclass defaults < `--config` YAML < options given on the command
-    line (an option left at its default does not override the file)."""
-    from cellpuzzle_cli.config import build_config
+def execute(ctx: typer.Context, request: Request, fmt: OutputFormat,
+            show: Callable[[Outcome], None] | None = None) -> Outcome:
+    """Run a step through the runner and print its outcome: `show` prints a finished run's
+    result as text, `--format json` prints the outcome as one JSON object on stdout."""
+    from cellpuzzle_cli.runner import run
 
-    def on_command_line(name: str) -> bool:  # by name: Typer ships its own copy of click
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    FORMAT.set(fmt.value)
+    outcome = run(request, manifest(ctx), progress_bar)
+    if not outcome.main:
+        return outcome
+    if fmt is OutputFormat.json:
+        import orjson
 
-    return build_config(cls, config, {k: v for k, v in options.items() if on_command_line(k)})
-
-
-def begin_step(ctx: typer.Context, command: str, params: dict[str, Any],
-               inputs: list[Artifact], outputs: list[Artifact], folder: Path,
-               overwrite: bool) -> Step | None:
-    """The step about to write `folder`, or None when that folder already holds this very run
-    (up to date, or finished but unrecorded because the run was killed: recorded now)."""
-    step = manifest(ctx).step(command, params, inputs, outputs, folder)
-    state = "new" if overwrite else step.state()
-    if state == "up to date":
-        console.print(f"[bold]{folder} is up to date[/bold]: this `{command}` run made it from the "
-                      "same inputs and settings, and it is unchanged since. Nothing to do.")
-        return None
-    if state == "unrecorded":
-        step.record(time.time(), {"recovered": True})
-        console.print(f"[bold]{folder} was already made[/bold] by an interrupted `{command}` run "
-                      "with these inputs and settings; it is recorded in the manifest now.")
-        return None
-    return step
+        sys.stdout.write(orjson.dumps(outcome.to_json()).decode() + "\n")
+    else:
+        _show_text(outcome, show)
+    if outcome.error is not None:
+        raise outcome.error
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
+    return outcome
 
 
-def run_step(ctx: typer.Context, started: float, command: str, *, params: dict[str, Any],
-             inputs: list[Artifact], outputs: list[Artifact], folder: Path, overwrite: bool,
-             work: Callable[[Callable[..., None]], R], label: str, unit: str = "",
-             main: bool = True) -> R | None:
-    """One folder-writing step: nothing to do when `folder` already holds this very run (see
-    `begin_step`); else `work(progress)` runs with the run's stamp on what it publishes, and the
-    run is recorded with the result's `summary()` when it has one. None when skipped.
-
-    `main=False` (torchrun's other processes) works alike but says and records nothing."""
-    if not main:
-        step = manifest(ctx).step(command, params, inputs, outputs, folder)
-        return None if not overwrite and step.state() != "new" else work(lambda *a, **k: None)
-    step = begin_step(ctx, command, params, inputs, outputs, folder, overwrite)
-    if step is None:
-        return None
-    with step.publishing(), progress_bar(label, unit=unit) as update:
-        result = work(update)
-    summary = getattr(result, "summary", None)
-    step.record(started, {"summary": summary()} if callable(summary) else None)
-    return result
-
-
-def start(ctx: typer.Context) -> float:
-    """The run's start time, after checking that the manifest can be read (before any work)."""
-    manifest(ctx).check()
-    return time.time()
-
-
-def quiet_libraries() -> None:
-    """Our progress bar replaces the libraries' own bars and info logs."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def _show_text(outcome: Outcome, show: Callable[[Outcome], None] | None) -> None:
+    say(*outcome.notes)
+    where = outcome.folder or "the output"
+    if outcome.state == "up to date":
+        console.print(f"[bold]{where} is up to date[/bold]: this `{outcome.command}` run made it "
+                      "from the same inputs and settings, and it is unchanged since. Nothing to "
+                      "do.")
+    elif outcome.state == "recovered":
+        console.print(f"[bold]{where} was already made[/bold] by an interrupted "
+                      f"`{outcome.command}` run with these inputs and settings; it is recorded "
+                      "in the manifest now.")
+    elif show is not None and outcome.state in ("done", "dry run"):
+        show(outcome)
+    warn(*outcome.warnings, title=f"{outcome.command}: warning")
 
 
 @contextlib.contextmanager

@@ -9,16 +9,18 @@ import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
+    Overrides,
     Overwrite,
     console,
-    input_or_latest,
-    run_step,
-    start,
-    step_settings,
+    execute,
+    given,
+    one_path,
 )
 from cellpuzzle_cli.convert_ckpt import ConvertCkptSettings
-from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.runner import Outcome, Request
 
 
 def convert_ckpt(
@@ -29,29 +31,26 @@ def convert_ckpt(
         show_default=False)] = None,
     output: OutputDir = Path("hf-model"),
     dtype: Annotated[str, typer.Option(
-        "--dtype", help="keep (default: the dtype the shards hold), bf16, fp16 or fp32. verl's own "
-                        "merger always casts to bf16.")] = ConvertCkptSettings.dtype,
+        "--dtype", help="auto (keep the dtype the shards hold), bfloat16, float16 or float32 "
+                        "(bf16/fp16/fp32/keep also read). verl's own merger always casts to "
+                        "bf16.")] = ConvertCkptSettings.dtype,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
+    overrides: Overrides = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """verl FSDP checkpoint shards (any world size) to a Hugging Face safetensors folder.
 
     Example: [bold]cellpuzzle convert-ckpt checkpoints/ -o hf-model[/bold]
     """
-    from cellpuzzle_cli.convert_ckpt import convert_checkpoint, find_actor_dir
+    checkpoint, overrides = one_path(checkpoint, overrides, "checkpoints")
+    options = given(ctx, dtype=dtype)
+    execute(ctx, Request("convert-ckpt", {"checkpoint": checkpoint}, output, options, overrides,
+                         config, overwrite), fmt, _print_result)
 
-    started = start(ctx)
-    settings = step_settings(ctx, ConvertCkptSettings, config, dtype=dtype)
-    ckpt = input_or_latest(ctx, checkpoint, Kind.CHECKPOINTS, "checkpoint")
-    actor = find_actor_dir(ckpt)
-    result = run_step(
-        ctx, started, "convert-ckpt", params={"checkpoint": ckpt, "dtype": settings.dtype},
-        inputs=[Artifact(actor, "checkpoint")], outputs=[Artifact(output, "model")],
-        folder=output, overwrite=overwrite, label="convert-ckpt",
-        work=lambda update: convert_checkpoint(ckpt, output, dtype=settings.dtype,
-                                               overwrite=overwrite, progress=update))
-    if result is None:
-        return
+
+def _print_result(outcome: Outcome) -> None:
+    result = outcome.result
     console.print(f"[green]Converted[/green] {result.actor_dir} ({result.world_size} rank(s)) -> "
                   f"{result.output}: {result.n_tensors} tensors, {result.n_parameters:,} parameters, "
                   f"dtype {', '.join(result.dtypes)}"

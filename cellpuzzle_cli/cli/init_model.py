@@ -9,18 +9,19 @@ import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
+    Overrides,
     Overwrite,
     Seed,
     console,
-    input_or_latest,
-    run_step,
-    start,
-    step_settings,
+    execute,
+    given,
 )
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.init_model import InitModelSettings
-from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.runner import Outcome, Request
 
 
 def init_model(
@@ -54,6 +55,8 @@ def init_model(
     seed: Seed = InitModelSettings.seed,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
+    overrides: Overrides = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """A tiny from-scratch model for offline tests and demos (random weights, real tokenizer).
 
@@ -64,22 +67,14 @@ def init_model(
     if not tiny:
         raise UserError("init-model only builds tiny models so far: pass --tiny. To fine-tune a "
                         "real model, give its folder to `cellpuzzle sft --model`.")
-    from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.init_model import init_tiny_model
+    options = given(ctx, hidden_size=hidden_size, layers=layers, heads=heads,
+                    whole_words=whole_words, min_gene_cells=min_gene_cells, seed=seed)
+    execute(ctx, Request("init-model", {"train": data}, output, options, overrides or [], config,
+                         overwrite), fmt, _print_result)
 
-    started = start(ctx)
-    settings = step_settings(ctx, InitModelSettings, config, hidden_size=hidden_size,
-                             layers=layers, heads=heads, whole_words=whole_words,
-                             min_gene_cells=min_gene_cells, seed=seed)
-    train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
-    result = run_step(
-        ctx, started, "init-model", params={**settings_dict(settings), "data": train},
-        inputs=[Artifact(train, "train")], outputs=[Artifact(output, "model")], folder=output,
-        overwrite=overwrite, label="init-model",
-        work=lambda update: init_tiny_model(train, output, settings, overwrite=overwrite,
-                                            progress=update))
-    if result is None:
-        return
+
+def _print_result(outcome: Outcome) -> None:
+    result = outcome.result
     console.print(f"[bold green]Tiny model written to {result.out}[/bold green]: "
                   f"{result.parameters:,} parameters, vocabulary {result.vocab_size:,} "
                   f"(tokenizer trained on {result.n_texts:,} texts)")

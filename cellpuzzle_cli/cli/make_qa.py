@@ -9,17 +9,19 @@ import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
+    Overrides,
     Overwrite,
     Seed,
     console,
-    input_or_latest,
-    run_step,
-    start,
-    step_settings,
+    execute,
+    given,
+    one_path,
 )
 from cellpuzzle_cli.make_qa import MakeQaSettings
-from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.runner import Request
 
 
 def make_qa(
@@ -49,7 +51,9 @@ def make_qa(
                              "for test puzzles (tagged cell_fold), so `split --group-by cell` "
                              "loses no puzzle to leakage. 0: off.")] = MakeQaSettings.test_cells,
     config: ConfigFile = None,
+    overrides: Overrides = None,
     overwrite: Overwrite = False,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Cells to CellPuzzles: N cells, N candidate types, one donor.
 
@@ -59,22 +63,12 @@ def make_qa(
 
     Example: [bold]cellpuzzle make-qa cells/ -o puzzles/ --min-n 3 --max-n 15 --per-n 20[/bold]
     """
-    from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.make_qa import make_puzzles
-
-    started = start(ctx)
-    settings = step_settings(ctx, MakeQaSettings, config, min_n=min_n, max_n=max_n, per_n=per_n,
-                             seed=seed, sort_candidates=sort_candidates,
-                             ignore_batch=ignore_batch, test_cells=test_cells)
-    cells_path = input_or_latest(ctx, cells, Kind.CELLS, "cells folder")
-    result = run_step(
-        ctx, started, "make-qa", params={**settings_dict(settings), "cells": cells_path},
-        inputs=[Artifact(cells_path, "cells")], outputs=[Artifact(output, "puzzles")],
-        folder=output, overwrite=overwrite, label="Sampling puzzles", unit="groups",
-        work=lambda update: make_puzzles(cells_path, output, settings, overwrite=overwrite,
-                                         progress=update))
-    if result is not None:
-        _print_summary(result)
+    cells, settings = one_path(cells, overrides, "cells folders")
+    options = given(ctx, min_n=min_n, max_n=max_n, per_n=per_n, seed=seed,
+                    sort_candidates=sort_candidates, ignore_batch=ignore_batch,
+                    test_cells=test_cells)
+    execute(ctx, Request("make-qa", {"cells": cells}, output, options, settings, config,
+                         overwrite), fmt, lambda outcome: _print_summary(outcome.result))
 
 
 def _print_summary(result) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cellpuzzle_cli.cli.common import console, manifest
+from cellpuzzle_cli.cli.common import FORMAT, Format, OutputFormat, console, manifest
 
 
 def _size(n: int) -> str:
@@ -21,6 +21,7 @@ def show(
     ctx: typer.Context,
     command: Annotated[str, typer.Option("--command", help="Only runs of this command.")] = "",
     last: Annotated[int, typer.Option("--last", min=0, help="Only the last N runs (0: all).")] = 0,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Show the runs recorded in the manifest: what made which file, from what.
 
@@ -32,6 +33,15 @@ def show(
     entries = [e for e in m.entries() if not command or e.command == command]
     if last:
         entries = entries[-last:]
+    if fmt is OutputFormat.json:
+        import sys
+
+        import orjson
+
+        FORMAT.set(fmt.value)
+        sys.stdout.write(orjson.dumps({"manifest": str(m.path),
+                                       "entries": [e.to_dict() for e in entries]}).decode() + "\n")
+        return
     table = Table(title=f"{m.path} — {len(entries)} run(s)")
     for col in ("finished", "command", "inputs", "outputs", "duration"):
         table.add_column(col)

@@ -8,17 +8,19 @@ from typing import Annotated
 import typer
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
+    Overrides,
     Overwrite,
     TrustRemoteCode,
     console,
-    input_or_latest,
-    manifest,
-    quiet_libraries,
-    run_step,
-    start,
+    execute,
+    given,
+    one_path,
 )
-from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.runner import Outcome, Request
 
 
 def merge_lora(
@@ -33,6 +35,12 @@ def merge_lora(
     = None,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Dtype of the merged model: auto (the base model's), bfloat16, float16 "
+                        "or float32.")] = "auto",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Merge a LoRA adapter into its base model: one plain Hugging Face model folder.
 
@@ -42,28 +50,19 @@ def merge_lora(
 
     Example: cellpuzzle merge-lora adapter -o sft-model
     """
-    from cellpuzzle_cli.merge_lora import copy_full_model, merge_adapter, plan_merge
+    adapter, overrides = one_path(adapter, overrides, "adapters")
+    options = given(ctx, dtype=dtype)
+    flags = {"base": base, "trust_remote_code": trust_remote_code}
+    execute(ctx, Request("merge-lora", {"adapter": adapter}, output, options, overrides, config,
+                         overwrite, flags), fmt, _print_result)
 
-    started = start(ctx)
-    adapter = input_or_latest(ctx, adapter, Kind.ADAPTER, "adapter")
-    plan = plan_merge(manifest(ctx), adapter, base)
-    quiet_libraries()
-    if plan.full_model:
-        def work(update):
-            return copy_full_model(adapter, output, overwrite=overwrite, progress=update)
-    else:
-        def work(update):
-            return merge_adapter(adapter, output, plan.base, overwrite=overwrite,
-                                 trust_remote_code=trust_remote_code, progress=update)
-    result = run_step(ctx, started, "merge-lora", params={"adapter": adapter, "base": plan.base},
-                      inputs=plan.inputs, outputs=[Artifact(output, "model")], folder=output,
-                      overwrite=overwrite, label="merge-lora", work=work)
-    if result is None:
-        return
-    if plan.full_model:
-        console.print(f"[bold green]{adapter} is a full fine-tune (sft finetune=full): nothing "
-                      f"to merge, copied to {result.out}[/bold green]: {result.parameters:,} "
-                      f"parameters ({result.dtype})")
+
+def _print_result(outcome: Outcome) -> None:
+    result = outcome.result
+    if result.copied:
+        console.print(f"[bold green]{result.adapter} is a full fine-tune (sft finetune=full): "
+                      f"nothing to merge, copied to {result.out}[/bold green]: "
+                      f"{result.parameters:,} parameters ({result.dtype})")
     else:
         console.print(f"[bold green]Merged model written to {result.out}[/bold green]: "
                       f"{result.parameters:,} parameters ({result.dtype}), base {result.base}")

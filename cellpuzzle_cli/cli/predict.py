@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
+    ModelDir,
     OptionalOutputDir,
     OptionalSeed,
+    OutputFormat,
     Overrides,
     Overwrite,
     TrustRemoteCode,
     console,
     err_console,
-    manifest,
-    progress_bar,
-    record_run,
-    say,
-    start,
+    execute,
+    given,
 )
-
-
-def _options(**given: Any) -> dict[str, Any]:
-    return {k: v for k, v in given.items() if v is not None}
+from cellpuzzle_cli.runner import Outcome, Request
 
 
 def predict(
     ctx: typer.Context,
-    model: Annotated[Path | None, typer.Option("--model", help="Hugging Face model folder. Default: the latest model from merge-lora, convert-ckpt, rl or init-model in the manifest.")] = None,
+    model: ModelDir = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Test puzzles (.jsonl, .json or .parquet). Default: the latest split's test file.")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="Predict shard i of n (i from 0), e.g. 0/4. Default: the whole set (0/1).")] = None,
     output: OptionalOutputDir = None,
@@ -52,6 +49,7 @@ def predict(
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="When resuming, predict again the puzzles that failed (e.g. out of memory) last time.")] = False,
     trust_remote_code: TrustRemoteCode = False,
     overrides: Overrides = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Model answers for test puzzles, one JSONL line per puzzle, resumable.
 
@@ -63,34 +61,23 @@ def predict(
 
     Example: cellpuzzle predict --backend baseline -o preds-baseline
     """
-    from cellpuzzle_cli.config import build_config, parse_overrides
-    from cellpuzzle_cli.predict.run import PredictRequest
-    from cellpuzzle_cli.predict.run import predict as run
-    from cellpuzzle_cli.predict.settings import PredictSettings
+    options = given(ctx, backend=backend, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    temperature=temperature, n=n, seed=seed, max_model_len=max_model_len,
+                    tensor_parallel_size=tensor_parallel_size,
+                    gpu_memory_utilization=gpu_memory_utilization)
+    from cellpuzzle_cli.predict.shards import shard_from_options
 
-    started = start(ctx)
-    values = parse_overrides(overrides)
-    values.update(_options(backend=backend, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           temperature=temperature, n=n, seed=seed, max_model_len=max_model_len,
-                           tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization))
-    cfg = build_config(PredictSettings, config, values, default_file="predict.yaml")
-    request = PredictRequest(config=cfg, model=model, data=data, train=train, output=output,
-                             shard=shard, ray=ray, ray_address=ray_address, num_shards=num_shards,
-                             overwrite=overwrite, retry_errors=retry_errors,
-                             trust_remote_code=trust_remote_code)
-    with progress_bar("predict", unit="puzzles") as update:
-        result = run(request, manifest(ctx), update)
-    say(*result.notes)
-    for rec in result.records:
-        record_run(ctx, "predict", rec, started)
-    _summary(result.results)
-    result.raise_failures()
+    flags = {"shard": shard_from_options(shard, ray, num_shards, ray_address), "ray": ray,
+             "ray_address": ray_address, "retry_errors": retry_errors,
+             "trust_remote_code": trust_remote_code}
+    execute(ctx, Request("predict", {"test": data, "model": model, "train": train}, output,
+                         options, overrides or [], config, overwrite, flags), fmt, _summary)
 
 
-def _summary(results) -> None:
+def _summary(outcome: Outcome) -> None:
     from rich.table import Table
 
+    results = outcome.result.results
     table = Table(title="predict", show_lines=False)
     for col in ("shard", "puzzles", "resumed", "new", "errors", "prompts/s", "tokens/s", "file"):
         table.add_column(col, justify="right" if col not in ("shard", "file") else "left")

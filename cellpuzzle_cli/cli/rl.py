@@ -10,18 +10,19 @@ import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
+    ModelDir,
     OptionalOutputDir,
     OptionalSeed,
+    OutputFormat,
     Overrides,
     Overwrite,
     console,
     err_console,
-    manifest,
-    progress_bar,
-    record_run,
-    say,
-    start,
+    execute,
+    given,
 )
+from cellpuzzle_cli.runner import Outcome, Request
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -48,9 +49,6 @@ Data = Annotated[Path | None, typer.Option(
     show_default=False)]
 ValData = Annotated[Path | None, typer.Option(
     "--val-data", help="Validation Parquet. Default: the latest to-parquet 'val'.", show_default=False)]
-Model = Annotated[Path | None, typer.Option(
-    "--model", help="Hugging Face model folder. Default: the newest model in the manifest "
-                    "(merge-lora, sft, init-model, convert-ckpt or rl).", show_default=False)]
 FailOnFlat = Annotated[bool | None, typer.Option(
     "--fail-on-flat-reward/--no-fail-on-flat-reward",
     help="TRL: exit 2 (writing nothing) when no group's rewards ever differed, i.e. GRPO left "
@@ -86,34 +84,32 @@ def rl_command(
     gpus_per_node: Gpus = None,
     data: Data = None,
     val_data: ValData = None,
-    model: Model = None,
+    model: ModelDir = None,
     output: OptionalOutputDir = None,
     seed: OptionalSeed = None,
     fail_on_flat_reward: FailOnFlat = None,
     overwrite: Overwrite = False,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """`rl grpo` and `rl ppo` (the algorithm is the subcommand's name)."""
-    from cellpuzzle_cli.config import parse_overrides
-    from cellpuzzle_cli.rl.run import RLRequest, run_rl
+    ours = given(ctx, backend=backend, device=device, ray_address=ray_address, seed=seed,
+                 fail_on_flat_reward=fail_on_flat_reward)
+    options = {f"cellpuzzle.{key}": value for key, value in ours.items()}
+    flags = {"dry_run": dry_run, "nnodes": nnodes, "gpus_per_node": gpus_per_node}
+    execute(ctx, Request(f"rl {ctx.command.name}", {"train": data, "val": val_data,
+                                                      "model": model},
+                         output, options, overrides or [], config, overwrite, flags), fmt, _show)
 
-    started = start(ctx)
-    request = RLRequest(algorithm=ctx.command.name, config_file=config,
-                        overrides=parse_overrides(overrides), backend=backend, device=device,
-                        dry_run=dry_run, ray_address=ray_address, nnodes=nnodes,
-                        gpus_per_node=gpus_per_node, train=data, val=val_data, model=model,
-                        output=output, overwrite=overwrite, seed=seed,
-                        fail_on_flat_reward=fail_on_flat_reward)
-    with progress_bar(f"rl {request.algorithm}") as update:
-        result = run_rl(request, manifest(ctx), progress=update)
-    say(*result.notes)
+
+def _show(outcome: Outcome) -> None:
+    result = outcome.result
     if result.dry_run:
         _print_dry_run(result)
-        return
-    if result.exit_code != 0:
-        err_console.print(f"[red]verl exited with code {result.exit_code}[/red]; see its log above.")
-        raise typer.Exit(result.exit_code)
-    _print_result(result)
-    record_run(ctx, f"rl {request.algorithm}", result.record, started)
+    elif result.exit_code != 0:
+        err_console.print(f"[red]verl exited with code {result.exit_code}[/red]; see its log "
+                          "above.")
+    else:
+        _print_result(result)
 
 
 def _print_dry_run(result) -> None:
@@ -127,9 +123,6 @@ def _print_dry_run(result) -> None:
 
 
 def _print_result(result) -> None:
-    from rich.markup import escape
-    from rich.panel import Panel
-
     if result.backend == "trl":
         rewards = ", ".join(f"{r:.3f}" for r in result.rewards)
         console.print(f"[green]GRPO (TRL)[/green] {result.steps} step(s); reward per logged step: "
@@ -146,9 +139,6 @@ def _print_result(result) -> None:
                           f"({result.reward_calls} call(s) logged).")
         console.print(f"[green]verl finished.[/green] Checkpoints in {result.output}; convert one "
                       f"with `cellpuzzle convert-ckpt {result.output}`.")
-    for warning in result.warnings:
-        err_console.print(Panel(escape(warning), title="rl: warning",
-                                title_align="left", border_style="yellow", expand=False))
 
 
 app.command("grpo", help=GRPO_HELP)(rl_command)

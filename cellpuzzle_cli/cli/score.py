@@ -6,17 +6,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cellpuzzle_cli.cli.common import (
+    ConfigFile,
+    Format,
+    OutputFormat,
     Seed,
     console,
-    err_console,
-    manifest,
-    record_run,
-    say,
-    start,
+    execute,
+    given,
+    split_args,
 )
+from cellpuzzle_cli.runner import Outcome, Request
+from cellpuzzle_cli.score.settings import ScoreSettings
 
 _METRIC_LABELS = (("cell_accuracy", "Cell accuracy"), ("exact_match", "Exact match"),
                   ("format_legitimacy", "Format legitimacy"), ("uniqueness", "Uniqueness"))
@@ -24,9 +26,10 @@ _METRIC_LABELS = (("cell_accuracy", "Cell accuracy"), ("exact_match", "Exact mat
 
 def score(
     ctx: typer.Context,
-    predictions: Annotated[list[Path] | None, typer.Argument(
-        help="Prediction JSONL files, or folders of them (one folder = one run; several folders = "
-             "one column each). Default: every shard of the latest `predict` run in the manifest.",
+    predictions: Annotated[list[str] | None, typer.Argument(
+        help="Prediction JSONL files, or folders of them (one folder = one run; several folders "
+             "= one column each), and key=value settings. Default: every shard of the latest "
+             "`predict` run in the manifest.",
         show_default=False)] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of accuracy by N here.")] = None,
@@ -39,30 +42,26 @@ def score(
                                 "case-sensitive uniqueness.")] = False,
     partial: Annotated[bool, typer.Option(
         "--partial", help="With no input: score the finished shards even if some are missing.")] = False,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).")] = ScoreSettings.bootstrap,
     label_ids: Annotated[Path | None, typer.Option(
         "--label-ids", help="TSV of `label<TAB>CL term ID` for hierarchical metrics on data "
                             "without ontology IDs.")] = None,
-    seed: Seed = 0,
+    seed: Seed = ScoreSettings.seed,
+    config: ConfigFile = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Cell-o1 metrics (cell accuracy, exact match, format legitimacy, uniqueness, length) for predictions.
 
     Example: [bold]cellpuzzle score preds/ --json report.json --plot by_n.png[/bold]
     Compare runs: [bold]cellpuzzle score runs/sft/ runs/grpo/ --reference splits/test.jsonl[/bold]
     """
-    from cellpuzzle_cli.score.run import ScoreRequest
-    from cellpuzzle_cli.score.run import score as run
-
-    started = start(ctx)
-    request = ScoreRequest(predictions=list(predictions or []), json_out=json_out, plot=plot,
-                           reference=reference, tokenizer=tokenizer, cello1_compat=cello1_compat,
-                           partial=partial, bootstrap=bootstrap, seed=seed, label_ids=label_ids)
-    outcome = run(request, manifest(ctx))
-    for warning in outcome.warnings:
-        err_console.print(f"[yellow]{escape(warning)}[/yellow]")
-    say(*outcome.notes)
-    _print(outcome.result)
-    record_run(ctx, "score", outcome.record, started)
+    files, overrides = split_args(predictions)
+    options = given(ctx, cello1_compat=cello1_compat, partial=partial, bootstrap=bootstrap,
+                    seed=seed)
+    inputs = {"predictions": files, "reference": reference, "label ids": label_ids}
+    flags = {"json": json_out, "plot": plot, "tokenizer": tokenizer}
+    execute(ctx, Request("score", inputs, None, options, overrides, config, False, flags), fmt,
+            _print)
 
 
 def _cell(metrics: dict[str, Any], key: str) -> str:
@@ -73,11 +72,12 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
     return text
 
 
-def _print(result: Any) -> None:
+def _print(outcome: Outcome) -> None:
     from rich.table import Table
 
     from cellpuzzle_cli.cli.score_tables import chance_cell, print_family_tables
 
+    result = outcome.result.result
     reports = result.reports
     table = Table(title=f"Scores (± as Cell-o1 reports it; [95% bootstrap CI]; prediction length in "
                         f"{result.length_unit})", title_justify="left")

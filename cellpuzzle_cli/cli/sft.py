@@ -10,27 +10,26 @@ import typer
 from cellpuzzle_cli.cli.common import (
     ARGV,
     ConfigFile,
+    Format,
+    ModelDir,
     OptionalSeed,
     OutputDir,
+    OutputFormat,
     Overrides,
     Overwrite,
     TrustRemoteCode,
     console,
-    input_or_latest,
-    quiet_libraries,
-    run_step,
-    start,
+    execute,
+    given,
 )
-from cellpuzzle_cli.manifest import Artifact, Kind
+from cellpuzzle_cli.runner import Outcome, Request
 
 
 def sft(
     ctx: typer.Context,
     overrides: Overrides = None,
     output: OutputDir = Path("adapter"),
-    model: Annotated[str | None, typer.Option(
-        "--model", help="Base model folder (or a cached hub id). Default: the latest "
-                        "`init-model` output in the manifest.")] = None,
+    model: ModelDir = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="Training puzzles: train.jsonl from `split`, or a CellPuzzles JSON/Parquet "
                        "file with system_msg, user_msg, assistant_msg. Default: the latest split's "
@@ -50,6 +49,7 @@ def sft(
     = 1,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Supervised fine-tuning with TRL + PEFT LoRA on the assistant turns only.
 
@@ -62,38 +62,15 @@ def sft(
 
     Example: cellpuzzle sft --nproc-per-node 2 -o adapter max_steps=30
     """
-    from cellpuzzle_cli.config import build_config, parse_overrides, settings_dict
-    from cellpuzzle_cli.distributed import is_main_process, relaunch, world_size
-    from cellpuzzle_cli.sft import SftSettings, model_source, run_sft
-
-    if nproc_per_node > 1 and world_size() == 1:
-        raise typer.Exit(relaunch(nproc_per_node, list(ARGV.get())))
-    started = start(ctx)
-    values = parse_overrides(overrides)
-    for key, value in (("rationale", rationale), ("seed", seed)):
-        if value is not None:
-            values[key] = value
-    settings = build_config(SftSettings, config, values, default_file="sft.yaml")
-    base = model if model is not None else str(
-        input_or_latest(ctx, None, Kind.MODEL, "base model (--model)"))
-    train = input_or_latest(ctx, data, Kind.TRAIN_PUZZLES, "training data (--data)")
-    inputs = [Artifact(train, "train")]
-    if Path(base).exists():
-        inputs.insert(0, Artifact(Path(base), "base_model"))
-    quiet_libraries()
-    result = run_step(
-        ctx, started, "sft",
-        params={**settings_dict(settings), "model": model_source(base), "data": train},
-        inputs=inputs, outputs=[Artifact(output, "adapter")], folder=output,
-        overwrite=overwrite or resume, label="sft", unit="steps", main=is_main_process(),
-        work=lambda update: run_sft(base, train, output, settings, resume=resume,
-                                    overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                    progress=update))
-    if result is not None and is_main_process():
-        _print_result(result, settings.finetune)
+    options = given(ctx, rationale=rationale, seed=seed)
+    flags = {"resume": resume, "nproc_per_node": nproc_per_node,
+             "trust_remote_code": trust_remote_code, "argv": ARGV.get()}
+    execute(ctx, Request("sft", {"base_model": model, "train": data}, output, options,
+                         overrides or [], config, overwrite, flags), fmt, _print_result)
 
 
-def _print_result(result, finetune: str) -> None:
+def _print_result(outcome: Outcome) -> None:
+    result, finetune = outcome.result, outcome.result.finetune
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 

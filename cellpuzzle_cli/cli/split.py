@@ -9,17 +9,19 @@ import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
+    Overrides,
     Overwrite,
     Seed,
     console,
-    input_or_latest,
-    run_step,
-    start,
-    step_settings,
+    execute,
+    given,
+    one_path,
 )
-from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.split import TEST_FILE, TRAIN_FILE, SplitSettings
+from cellpuzzle_cli.runner import Request
+from cellpuzzle_cli.split import SplitSettings
 
 
 def split(
@@ -43,6 +45,8 @@ def split(
                                      "instructions.", show_default=False)] = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
+    overrides: Overrides = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Leakage-free, N-stratified train/test split of puzzles.
 
@@ -55,23 +59,11 @@ def split(
 
     Example: [bold]cellpuzzle split puzzles/ -o splits/ --group-by donor --max-test 1100[/bold]
     """
-    from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.split import split_puzzles
-
-    started = start(ctx)
-    settings = step_settings(ctx, SplitSettings, config, group_by=group_by,
-                             test_fraction=test_fraction, max_test=max_test, seed=seed,
-                             system_prompt_file=system_prompt_file)
-    puzzles_path = input_or_latest(ctx, puzzles, Kind.PUZZLES, "puzzles")
-    outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / TEST_FILE, "test")]
-    result = run_step(
-        ctx, started, "split", params={**settings_dict(settings), "puzzles": puzzles_path},
-        inputs=[Artifact(puzzles_path, "puzzles")], outputs=outputs, folder=output,
-        overwrite=overwrite, label="Splitting puzzles",
-        work=lambda update: split_puzzles(puzzles_path, output, settings, overwrite=overwrite,
-                                          progress=update))
-    if result is not None:
-        _print_summary(result)
+    puzzles, overrides = one_path(puzzles, overrides, "puzzle files")
+    options = given(ctx, group_by=group_by, test_fraction=test_fraction, max_test=max_test,
+                    seed=seed, system_prompt_file=system_prompt_file)
+    execute(ctx, Request("split", {"puzzles": puzzles}, output, options, overrides, config,
+                         overwrite), fmt, lambda outcome: _print_summary(outcome.result))
 
 
 def _print_summary(result) -> None:

@@ -9,17 +9,19 @@ import typer
 
 from cellpuzzle_cli.cli.common import (
     ConfigFile,
+    Format,
     OutputDir,
+    OutputFormat,
+    Overrides,
     Overwrite,
     Seed,
     console,
-    input_or_latest,
-    run_step,
-    start,
-    step_settings,
+    execute,
+    given,
+    one_path,
 )
-from cellpuzzle_cli.manifest import Artifact, Kind
-from cellpuzzle_cli.to_parquet import TRAIN_FILE, VAL_FILE, ToParquetSettings
+from cellpuzzle_cli.runner import Outcome, Request
+from cellpuzzle_cli.to_parquet import ToParquetSettings, one_input
 
 
 def to_parquet(
@@ -42,6 +44,8 @@ def to_parquet(
     seed: Seed = ToParquetSettings.seed,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
+    overrides: Overrides = None,
+    fmt: Format = OutputFormat.human,
 ) -> None:
     """Training puzzles to verl's RL Parquet schema: train.parquet and val.parquet.
 
@@ -49,21 +53,14 @@ def to_parquet(
 
     Example: cellpuzzle to-parquet splits/train.jsonl -o rl-data --val-size 0.1
     """
-    from cellpuzzle_cli.config import settings_dict
-    from cellpuzzle_cli.to_parquet import one_input
-    from cellpuzzle_cli.to_parquet import to_parquet as run
+    train, overrides = one_path(train, overrides, "training files")
+    options = given(ctx, val_size=val_size, seed=seed, data_source=data_source)
+    execute(ctx, Request("to-parquet", {"train": one_input(train, data)}, output, options,
+                         overrides, config, overwrite), fmt, _print_result)
 
-    started = start(ctx)
-    settings = step_settings(ctx, ToParquetSettings, config, val_size=val_size, seed=seed,
-                             data_source=data_source)
-    data = input_or_latest(ctx, one_input(train, data), Kind.TRAIN_PUZZLES, "training data")
-    outputs = [Artifact(output / TRAIN_FILE, "train"), Artifact(output / VAL_FILE, "val")]
-    result = run_step(
-        ctx, started, "to-parquet", params={**settings_dict(settings), "data": data},
-        inputs=[Artifact(data, "train")], outputs=outputs, folder=output, overwrite=overwrite,
-        label="to-parquet", work=lambda _: run(data, output, settings, overwrite=overwrite))
-    if result is None:
-        return
+
+def _print_result(outcome: Outcome) -> None:
+    result = outcome.result
     groups = (f" (whole groups held out: {', '.join(result.val_groups)})" if result.val_groups
               else " (random puzzles held out)" if result.n_val else "")
     console.print(f"[bold green]RL data written to {result.out}[/bold green]: "

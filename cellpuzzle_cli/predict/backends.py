@@ -80,7 +80,7 @@ def make_backend(backend: str, settings: PredictJob) -> Backend:
     if backend == "vllm":
         from cellpuzzle_cli.predict.vllm_backend import VLLMBackend
 
-        return VLLMBackend(settings.model, settings.config, settings.trust_remote_code)
+        return VLLMBackend(settings.model, settings.settings, settings.trust_remote_code)
     from cellpuzzle_cli.predict.hf_backend import HFBackend
 
-    return HFBackend(settings.model, settings.config, settings.trust_remote_code)
+    return HFBackend(settings.model, settings.settings, settings.trust_remote_code)

@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from cellpuzzle_cli.device import pick_device, torch_dtype
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Generation, TokenizedPrompts, check_prompt_fits
 from cellpuzzle_cli.predict.settings import PredictSettings
@@ -56,29 +57,6 @@ def use_grouped_sdpa(model) -> bool:
     return True
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} was asked for, but torch sees no CUDA GPU here. Use "
-                        "device=cpu (or leave device=auto).")
-    return device
-
-
-def pick_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float32": torch.float32}[dtype]
-    except KeyError:
-        raise UserError(f"dtype={dtype} is not one of auto, bfloat16, float16, float32.") from None
-
-
 class HFBackend(TokenizedPrompts):
     name = "hf"
     default_batch_size = 16
@@ -94,7 +72,7 @@ class HFBackend(TokenizedPrompts):
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir,
                                                            trust_remote_code=trust_remote_code)
             self.model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=pick_dtype(config.dtype, self.device),
+                model_dir, dtype=torch_dtype(config.dtype, self.device),
                 trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise UserError(f"Could not load a model from {model_dir} ({exc}). Give --model a "

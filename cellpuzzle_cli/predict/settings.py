@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 from cellpuzzle_cli.config import Check, Count, NonNegative, Seed, Share, one_of
+from cellpuzzle_cli.device import Dtype, dtype_name
 from cellpuzzle_cli.errors import UserError
 
 BACKENDS = ("auto", "hf", "vllm", "baseline", "celltypist")
 # Backends that learn from the training split instead of loading a model.
 TRAINED_BACKENDS = ("baseline", "celltypist")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -29,10 +29,13 @@ class PredictSettings:
     n: Count = 1                     # samples per puzzle; >1 needs temperature > 0
     seed: Seed = 0
     max_model_len: Count | None = None  # prompt + answer limit; None: the model's own
-    dtype: Annotated[str, one_of(*DTYPES)] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: Dtype = "auto"            # auto: bfloat16 where supported, float16 on other GPUs
     device: str = "auto"             # hf backend: auto, cpu, cuda, cuda:1, ...
     tensor_parallel_size: Count = 1  # vllm: GPUs per model copy
     gpu_memory_utilization: Share = 0.9  # vllm
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(self.dtype)
 
     def validate(self) -> None:
         if self.n > 1 and self.temperature <= 0:
@@ -53,4 +56,4 @@ class PredictJob:
     overwrite: bool = False
     retry_errors: bool = False       # predict again the puzzles whose line holds an error
     trust_remote_code: bool = False
-    config: PredictSettings = field(default_factory=PredictSettings)
+    settings: PredictSettings = field(default_factory=PredictSettings)

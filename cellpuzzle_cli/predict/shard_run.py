@@ -72,7 +72,7 @@ class PredictResult:
 
 def _run_identity(settings: PredictJob, backend: str) -> dict[str, Any]:
     """What a shard file depends on; kept in RUN_FILE and checked on resume."""
-    cfg = settings.config
+    cfg = settings.settings
     return {
         "data": str(Path(settings.data).resolve()),
         "backend": backend,
@@ -118,7 +118,7 @@ def _write_run_files(out_dir: Path, identity: dict[str, Any], settings: PredictJ
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RUN_FILE, {**identity, "trust_remote_code": settings.trust_remote_code})
-    save_settings(out_dir, "predict", settings.config)
+    save_settings(out_dir, "predict", settings.settings)
 
 
 def _short(exc: BaseException) -> str:
@@ -204,10 +204,10 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
 
     `backend_obj` replaces the backend built from the settings (benchmarks and tests).
     """
-    check_settings(settings.config)
+    check_settings(settings.settings)
     shard = Shard(settings.shard_index, settings.num_shards)
     parse_shard(str(shard))  # same checks as the CLI spec
-    backend = backend_obj.name if backend_obj else resolve_backend(settings.config.backend)
+    backend = backend_obj.name if backend_obj else resolve_backend(settings.settings.backend)
     if backend == "vllm" and backend_obj is None:
         from cellpuzzle_cli.predict.vllm_backend import import_vllm
 
@@ -235,7 +235,7 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
     new_rows: list[dict[str, Any]] = []
     seconds = 0.0
     if impl is not None:
-        batch_size = settings.config.batch_size or impl.default_batch_size
+        batch_size = settings.settings.batch_size or impl.default_batch_size
         writer = ShardWriter(shard_file)
         # Longest prompts first: similar lengths share a batch, and an OOM shows up at once.
         pending.sort(key=impl.sort_key, reverse=True)

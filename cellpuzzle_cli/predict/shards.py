@@ -18,9 +18,13 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cellpuzzle_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from cellpuzzle_cli.manifest import Manifest
 
 _SPEC = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
 
@@ -71,3 +75,60 @@ def select_shard(records: Sequence[dict[str, Any]], shard: Shard) -> list[dict[s
     """The records of `shard`, in canonical order; records need a unique `puzzle_id`."""
     ranked = sorted(records, key=lambda r: order_key(r["puzzle_id"]))
     return ranked[shard.index::shard.count]
+
+
+def shard_from_options(shard: str | None, ray: bool, num_shards: int | None,
+                       ray_address: str | None) -> Shard:
+    """The shard this command runs (`--shard i/n`), or with `--ray` the first of
+    `--num-shards` (Ray runs them all): the options checked against each other."""
+    if ray:
+        if shard is not None:
+            raise UserError("--ray runs every shard itself: drop --shard and give --num-shards N.")
+        if num_shards is None:
+            raise UserError("--ray needs --num-shards N: the number of shards to run as Ray tasks "
+                            "(e.g. one per GPU).")
+        return parse_shard(f"0/{num_shards}")
+    if num_shards is not None or ray_address is not None:
+        raise UserError("--num-shards and --ray-address go with --ray. Without --ray, run one "
+                        "shard per command with --shard i/n.")
+    return parse_shard(shard)
+
+
+@dataclass
+class RecordedShards:
+    """The shard files of the latest `predict` run, and the shards with no finished entry."""
+
+    output_dir: str
+    num_shards: int
+    files: list[Path]
+    missing: list[int]
+
+
+def latest_run_shards(ledger: Manifest) -> RecordedShards:
+    """Shard files of the latest `predict` run in the ledger, and which have not completed."""
+    from cellpuzzle_cli.manifest import Kind
+
+    latest = ledger.find(lambda e: e.command == "predict")
+    if latest is None:
+        raise UserError(f"No predictions given and the manifest {ledger.path} records no "
+                        "`predict` run. Pass prediction files or folders, or run `cellpuzzle "
+                        "predict` first.")
+    output_dir = latest.params.get("output_dir")
+    num_shards = int(latest.params.get("num_shards") or 1)
+    if output_dir is None:
+        raise UserError(f"The latest `predict` entry in {ledger.path} names no output_dir. Pass "
+                        "the prediction folder explicitly.")
+    names = {shard_filename(i, num_shards): i for i in range(num_shards)}
+    found: dict[int, Path] = {}
+    for entry in ledger.entries_of("predict"):
+        p = entry.params
+        if (not p.get("complete") or p.get("output_dir") != output_dir
+                or int(p.get("num_shards") or 1) != num_shards):
+            continue
+        for out in entry.outputs_of(Kind.PREDICTIONS):
+            i = names.get(Path(out.path).name)
+            if i is not None and ledger.resolve(out.path).exists():
+                found[i] = ledger.resolve(out.path)
+    missing = [i for i in range(num_shards) if i not in found]
+    return RecordedShards(str(output_dir), num_shards, [found[i] for i in sorted(found)],
+                          missing)

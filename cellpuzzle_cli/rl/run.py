@@ -13,14 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cellpuzzle_cli.config import check_settings
+from cellpuzzle_cli.config import parse_overrides
+from cellpuzzle_cli.device import cuda_available
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.manifest import Kind
 from cellpuzzle_cli.rl import settings as S
+from cellpuzzle_cli.steps import from_ledger
 
 if TYPE_CHECKING:
     from cellpuzzle_cli.manifest import Manifest, RunRecord
     from cellpuzzle_cli.rl.preflight import RewardCanary
+    from cellpuzzle_cli.runner import Job
 
 PLACEHOLDER = "MISSING-{what}"
 
@@ -30,10 +33,7 @@ class RLRequest:
     algorithm: str
     config_file: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    backend: str | None = None
-    device: str | None = None
     dry_run: bool = False
-    ray_address: str | None = None
     nnodes: int | None = None
     gpus_per_node: int | None = None
     train: Path | None = None
@@ -41,8 +41,6 @@ class RLRequest:
     model: Path | None = None
     output: Path | None = None
     overwrite: bool = False
-    seed: int | None = None
-    fail_on_flat_reward: bool | None = None
 
 
 @dataclass
@@ -64,23 +62,12 @@ class RLResult:
     summary: dict[str, Any] = field(default_factory=dict)
     record: RunRecord | None = None  # the manifest entry of a finished run
 
+    @property
+    def records(self) -> list[RunRecord]:
+        return [self.record] if self.record is not None else []
+
 
 def _apply_flags(req: RLRequest, st: S.RLSettings) -> None:
-    if req.backend:
-        if req.backend not in S.BACKENDS:
-            raise UserError(f"Unknown --backend '{req.backend}'. Use one of {', '.join(S.BACKENDS)}.")
-        st.ours.backend = req.backend
-    if req.device:
-        if req.device not in S.DEVICES:
-            raise UserError(f"Unknown --device '{req.device}'. Use one of {', '.join(S.DEVICES)}.")
-        st.ours.device = req.device
-    if req.ray_address:
-        st.ours.ray_address = req.ray_address
-    if req.seed is not None:
-        st.ours.seed = req.seed
-    if req.fail_on_flat_reward is not None:
-        st.ours.fail_on_flat_reward = req.fail_on_flat_reward
-    check_settings(st.ours)
     if req.nnodes is not None:
         st.verl[S.NNODES_KEY] = req.nnodes
     if req.gpus_per_node is not None:
@@ -106,7 +93,7 @@ def _fill_inputs(req: RLRequest, st: S.RLSettings, manifest: Manifest,
             continue
         kind, label = _SOURCES[what]
         try:
-            resolved = manifest.input_or_latest(None, kind, label)
+            resolved = from_ledger(manifest, None, kind, label)
             found = resolved.path
             notes.append(resolved.note(label))
         except UserError:
@@ -138,10 +125,19 @@ def _check_files(st: S.RLSettings, keys: list[str]) -> None:
                                 "or the manifest entry it came from.")
 
 
-def run_rl(req: RLRequest, manifest: Manifest,
+def step(job: Job, progress: Callable[..., None] | None = None) -> RLResult:
+    """rl grpo|ppo as a pipeline step: the runner layered the settings (verl keys and ours)."""
+    req = RLRequest(algorithm=job.command.split()[-1], config_file=job.config,
+                    overrides=parse_overrides(job.overrides), dry_run=job.flag("dry_run", False),
+                    nnodes=job.flag("nnodes"), gpus_per_node=job.flag("gpus_per_node"),
+                    train=job.inputs.get("train"), val=job.inputs.get("val"),
+                    model=job.inputs.get("model"), output=job.output, overwrite=job.overwrite)
+    return run_rl(req, job.settings, job.ledger, progress)
+
+
+def run_rl(req: RLRequest, st: S.RLSettings, manifest: Manifest,
            progress: Callable[..., None] | None = None) -> RLResult:
-    """Resolve the config, then dry-run (compose + validate) or train with the chosen backend."""
-    st = S.load_settings(req.algorithm, req.config_file, req.overrides)
+    """Dry-run (compose + validate) or train with the chosen backend."""
     _apply_flags(req, st)
     backend = st.ours.backend
     if req.algorithm == "ppo" and backend == "trl":
@@ -178,10 +174,11 @@ def _record(req: RLRequest, st: S.RLSettings, result: RLResult) -> RunRecord:
 
     params = {"algorithm": req.algorithm, "backend": result.backend, "device": st.ours.device,
               "config": req.config_file, "overrides": result.overrides}
-    name = "model" if result.backend == "trl" else "checkpoints"
+    name, kind = ("model", Kind.MODEL) if result.backend == "trl" else \
+        ("checkpoints", Kind.CHECKPOINTS)
     extra = {"summary": result.summary} if result.summary else {}
     return RunRecord(params, [Artifact(p, n) for n, p in result.inputs.items()],
-                     [Artifact(result.output, name)], extra)
+                     [Artifact(result.output, name, kind)], extra)
 
 
 def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
@@ -338,7 +335,7 @@ def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, P
         if "not installed" not in str(exc):
             raise
         notes.append("verl is not installed: config keys were not checked against its schema.")
-    tplan = trl_backend.build_plan(st, use_cpu=st.ours.device == "cpu" or _no_cuda())
+    tplan = trl_backend.build_plan(st, use_cpu=st.ours.device == "cpu" or not cuda_available())
     result = RLResult(req.algorithm, "trl", req.dry_run, output, overrides=S.to_overrides(st.verl),
                       notes=notes + [tplan.ignored_note], inputs=inputs, grpo_args=tplan.grpo_args)
     if req.dry_run:
@@ -353,9 +350,3 @@ def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, P
         result.notes.append(f"{trained.dropped_prompts} prompt(s) longer than "
                             "data.max_prompt_length were dropped.")
     return result
-
-
-def _no_cuda() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from cellpuzzle_cli.config import (
+    OPTIONS,
+    OVERRIDES,
     Check,
     Count,
     Rate,
     Seed,
     coerce,
     from_layers,
-    load_yaml,
+    layer_settings,
     one_of,
-    shipped_config,
 )
 from cellpuzzle_cli.errors import UserError
 
@@ -131,31 +132,51 @@ def check_legacy(key: str) -> None:
                 "reward.reward_manager.name to its own reward).")
 
 
-def load_settings(algorithm: str, file: Path | None, overrides: dict[str, Any]) -> RLSettings:
-    """Shipped or given YAML, then `key=value` overrides (verl keys, or `cellpuzzle.KEY`)."""
-    if algorithm not in ALGORITHMS:
-        raise UserError(f"Unknown RL algorithm '{algorithm}'. Use one of {', '.join(ALGORITHMS)}.")
-    path = Path(file) if file is not None else shipped_config(f"{algorithm}.yaml")
-    raw = load_yaml(path)
-    ours_raw = raw.pop(OURS, None) or {}
-    if not isinstance(ours_raw, dict):
-        raise UserError(f"The '{OURS}' section of {path} must be a mapping.")
-    verl = flatten(raw)
-    ours_overrides: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key.startswith(OURS + "."):
-            ours_overrides[key[len(OURS) + 1:]] = value
-        else:
-            verl[key] = value
+def from_layers_of(algorithm: str, layers: list[tuple[str, dict[str, Any]]]) -> RLSettings:
+    """RL settings from the runner's layers: a YAML file holds verl keys (nested or dotted) and
+    a `cellpuzzle:` section; overrides and options hold dotted keys, ours as `cellpuzzle.KEY`."""
+    verl: dict[str, Any] = {}
+    ours_layers: list[tuple[str, dict[str, Any]]] = []
+    source = ""
+    for where, layer in layers:
+        layer = dict(layer)
+        from_file = where not in (OVERRIDES, OPTIONS)
+        if from_file:
+            source = where
+            section = layer.pop(OURS, None) or {}
+            if not isinstance(section, dict):
+                raise UserError(f"The '{OURS}' section of {where} must be a mapping.")
+            ours_layers.append((where, section))
+            layer = flatten(layer)
+        dotted = {k[len(OURS) + 1:]: layer.pop(k) for k in list(layer) if k.startswith(OURS + ".")}
+        if dotted:
+            ours_layers.append((where, dotted))
+        verl.update(layer)
     for key in verl:
         check_legacy(key)
     for key, annotation in CHECKED_KEYS.items():
         for spelling in (key, "+" + key, "++" + key):
             if spelling in verl:
                 verl[spelling] = coerce(verl[spelling], annotation, key)
-    ours = from_layers(Ours, [(str(path), ours_raw),
-                              ("the command-line overrides", ours_overrides)], prefix=OURS + ".")
-    return RLSettings(algorithm=algorithm, ours=ours, verl=verl, source=str(path))
+    ours = from_layers(Ours, ours_layers, prefix=OURS + ".")
+    return RLSettings(algorithm=algorithm, ours=ours, verl=verl, source=source)
+
+
+def load_grpo(layers: list[tuple[str, dict[str, Any]]]) -> RLSettings:
+    return from_layers_of("grpo", layers)
+
+
+def load_ppo(layers: list[tuple[str, dict[str, Any]]]) -> RLSettings:
+    return from_layers_of("ppo", layers)
+
+
+def load_settings(algorithm: str, file: Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> RLSettings:
+    """The settings `rl ALGORITHM --config FILE key=value…` would run with."""
+    if algorithm not in ALGORITHMS:
+        raise UserError(f"Unknown RL algorithm '{algorithm}'. Use one of {', '.join(ALGORITHMS)}.")
+    return layer_settings(RLSettings, file, overrides or {}, shipped=f"{algorithm}.yaml",
+                          load=lambda layers: from_layers_of(algorithm, layers))
 
 
 def saved_settings(settings: RLSettings) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cellpuzzle_cli.device import bf16_supported
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress
 from cellpuzzle_cli.rl.health import RewardHealth, reward_health
@@ -116,7 +117,7 @@ def build_plan(settings: RLSettings, use_cpu: bool) -> TrlPlan:
         "data_seed": settings.ours.seed,
         "logging_steps": settings.ours.logging_steps,
         "use_cpu": use_cpu,
-        "bf16": not use_cpu,
+        "bf16": not use_cpu and bf16_supported(),
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,

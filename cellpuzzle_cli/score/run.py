@@ -1,36 +1,26 @@
-"""The service behind `cellpuzzle score`: which runs, every metric family, what to record.
+"""score as a pipeline step: which runs, every metric family, what to record.
 
-The command module only parses options into a `ScoreRequest`; here the runs are found (given
-files and folders, or every shard of the latest predict run), scored, written as --json and
---plot (with the confusion heatmap beside it), and described for the manifest.
+The runs are found (given files and folders, or every shard of the latest predict run), scored,
+written as --json and --plot (with the confusion heatmap beside it), and described for the
+manifest.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.manifest import Artifact, Kind, RunRecord
 from cellpuzzle_cli.score.plot import plot_by_n
 from cellpuzzle_cli.score.report import ScoreResult, score_runs
 from cellpuzzle_cli.score.runs import RunInput, collect_files
+from cellpuzzle_cli.score.settings import ScoreSettings
 
-
-@dataclass
-class ScoreRequest:
-    """What `cellpuzzle score` was asked; no `predictions` means the latest predict run."""
-
-    predictions: list[Path] = field(default_factory=list)
-    json_out: Path | None = None
-    plot: Path | None = None
-    reference: Path | None = None
-    tokenizer: Path | None = None
-    cello1_compat: bool = False
-    partial: bool = False
-    bootstrap: int = 1000
-    seed: int = 0
-    label_ids: Path | None = None   # label -> CL term table for data without ontology IDs
+if TYPE_CHECKING:
+    from cellpuzzle_cli.io import Progress
+    from cellpuzzle_cli.runner import Job
 
 
 @dataclass
@@ -38,12 +28,17 @@ class ScoreOutcome:
     result: ScoreResult
     notes: list[str]
     warnings: list[str]
-    record: Any  # manifest.RunRecord
+    records: list[RunRecord]
+
+    def summary(self) -> dict[str, Any]:
+        return self.records[0].extra["summary"]
 
 
-def _runs_from_manifest(manifest: Any, partial: bool) -> tuple[list[RunInput], list[str], list[str]]:
+def _runs_from_manifest(ledger: Any, partial: bool) -> tuple[list[RunInput], list[str], list[str]]:
     """Every shard of the latest predict run; an incomplete set only with `partial`."""
-    shards = manifest.predict_shards()
+    from cellpuzzle_cli.predict.shards import latest_run_shards
+
+    shards = latest_run_shards(ledger)
     warnings = []
     if shards.missing:
         listed = ", ".join(str(i) for i in shards.missing)
@@ -51,7 +46,7 @@ def _runs_from_manifest(manifest: Any, partial: bool) -> tuple[list[RunInput], l
             raise UserError(
                 f"The latest `predict` run ({shards.output_dir}, {shards.num_shards} shard(s)) is "
                 f"incomplete: shard(s) {listed} of {shards.num_shards} have no finished entry in "
-                f"{manifest.path}. Run them (`cellpuzzle predict --shard i/{shards.num_shards} …`), "
+                f"{ledger.path}. Run them (`cellpuzzle predict --shard i/{shards.num_shards} …`), "
                 "or pass --partial to score the finished shards only.")
         warnings.append(f"Scoring {len(shards.files)} of {shards.num_shards} shards; missing: "
                         f"{listed}.")
@@ -60,39 +55,42 @@ def _runs_from_manifest(manifest: Any, partial: bool) -> tuple[list[RunInput], l
     return [run], notes, warnings
 
 
-def score(req: ScoreRequest, manifest: Any) -> ScoreOutcome:
+def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
     """Score the given runs (or the latest predict run), write --json/--plot, say what to record."""
-    from cellpuzzle_cli.manifest import Artifact, RunRecord
-
-    if req.predictions:
-        runs, notes, warnings = collect_files(req.predictions), [], []
-        input_paths = list(req.predictions)
+    settings: ScoreSettings = job.settings
+    given = list(job.inputs.get("predictions") or [])
+    if given:
+        runs, notes, warnings = collect_files(given), [], []
+        input_paths = given
     else:
-        runs, notes, warnings = _runs_from_manifest(manifest, req.partial)
+        runs, notes, warnings = _runs_from_manifest(job.ledger, settings.partial)
         input_paths = runs[0].files
-    result = score_runs(runs, cello1_compat=req.cello1_compat, tokenizer=req.tokenizer,
-                        reference=req.reference, resamples=req.bootstrap, seed=req.seed,
-                        label_ids=req.label_ids)
+    reference, label_ids = job.inputs.get("reference"), job.inputs.get("label ids")
+    json_out, plot, tokenizer = job.flag("json"), job.flag("plot"), job.flag("tokenizer")
+    result = score_runs(runs, cello1_compat=settings.cello1_compat, tokenizer=tokenizer,
+                        reference=reference, resamples=settings.bootstrap, seed=settings.seed,
+                        label_ids=label_ids)
     outputs = []
-    if req.json_out is not None:
+    if json_out is not None:
         from cellpuzzle_cli.io import write_json
 
-        write_json(req.json_out, result.to_json())
-        outputs.append(Artifact(req.json_out, "report"))
-    if req.plot is not None:
-        outputs += [Artifact(path, "plot") for path in plot_by_n(result.reports, req.plot)]
-    params = {"runs": [r.name for r in runs], "cello1_compat": req.cello1_compat,
-              "tokenizer": req.tokenizer, "reference": req.reference, "partial": req.partial,
-              "bootstrap": req.bootstrap, "seed": req.seed, "json": req.json_out,
-              "plot": req.plot, "label_ids": req.label_ids,
+        write_json(json_out, result.to_json())
+        outputs.append(Artifact(json_out, "report", Kind.REPORT))
+    if plot is not None:
+        outputs += [Artifact(path, "plot", Kind.PLOT) for path in plot_by_n(result.reports, plot)]
+    params = {"runs": [r.name for r in runs], "cello1_compat": settings.cello1_compat,
+              "tokenizer": tokenizer, "reference": reference, "partial": settings.partial,
+              "bootstrap": settings.bootstrap, "seed": settings.seed, "json": json_out,
+              "plot": plot, "label_ids": label_ids,
               "prediction_length_unit": result.length_unit}
     summary = {r.name: {k: r.overall[k] for k in ("count", "cell_accuracy", "exact_match",
                                                   "format_legitimacy", "uniqueness", "errors")}
                for r in result.reports}
-    inputs = [Artifact(p, "predictions") for p in input_paths]
-    if req.reference is not None:
-        inputs.append(Artifact(req.reference, "reference"))
-    if req.label_ids is not None:
-        inputs.append(Artifact(req.label_ids, "label ids"))
-    return ScoreOutcome(result, notes, warnings,
-                        RunRecord(params, inputs, outputs, {"summary": summary}))
+    inputs = [Artifact(Path(p), "predictions") for p in input_paths]
+    if reference is not None:
+        inputs.append(Artifact(reference, "reference"))
+    if label_ids is not None:
+        inputs.append(Artifact(label_ids, "label ids"))
+    # recorded even without --json/--plot, so the manifest says the run was scored
+    record = RunRecord(params, inputs, outputs, {"summary": summary})
+    return ScoreOutcome(result, notes, warnings, [record])
