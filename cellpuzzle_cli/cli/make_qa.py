@@ -13,6 +13,7 @@ from cellpuzzle_cli.cli.common import (
     Overwrite,
     Seed,
     console,
+    err_console,
     input_or_latest,
     run_step,
     start,
@@ -48,6 +49,11 @@ def make_qa(
         "--test-cells", help="For single-donor data: reserve this fraction of each type's cells "
                              "for test puzzles (tagged cell_fold), so `split --group-by cell` "
                              "loses no puzzle to leakage. 0: off.")] = PuzzleConfig.test_cells,
+    extra_candidates: Annotated[int, typer.Option(
+        "--extra-candidates", help="Open-set puzzles: add up to K cell types absent from the "
+                                   "puzzle's cells to its candidates (from the donor group's "
+                                   "other types first, then the dataset's). 0: closed puzzles.")]
+    = PuzzleConfig.extra_candidates,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -65,7 +71,8 @@ def make_qa(
     started = start(ctx)
     settings = step_settings(ctx, PuzzleConfig, config, min_n=min_n, max_n=max_n, per_n=per_n,
                              seed=seed, sort_candidates=sort_candidates,
-                             ignore_batch=ignore_batch, test_cells=test_cells)
+                             ignore_batch=ignore_batch, test_cells=test_cells,
+                             extra_candidates=extra_candidates)
     cells_path = input_or_latest(ctx, cells, Kind.CELLS, "cells folder")
     result = run_step(
         ctx, started, "make-qa", params={**settings_dict(settings), "cells": cells_path},
@@ -78,6 +85,7 @@ def make_qa(
 
 
 def _print_summary(result) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"make-qa: {result.n_puzzles} puzzles from {result.n_cells} cells "
@@ -98,3 +106,5 @@ def _print_summary(result) -> None:
     if result.mixed_context:
         console.print(f"[yellow]{result.mixed_context} puzzle(s) mix cells with different "
                       "context paragraphs; the most common one was used.[/yellow]")
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")

@@ -3,7 +3,7 @@
 The package keeps one family per module: `runs` (which files form a run, reading them),
 `judging` (every prediction against its gold answer, and every cell's gold/predicted pair),
 `cello1` (Cell-o1's summary metrics with "±", standard errors and bootstrap intervals),
-`chance` (a random one-to-one assignment), `per_type` (precision/recall/F1 per type, macro-F1,
+`chance` (a random assignment of distinct candidates), `per_type` (precision/recall/F1 per type, macro-F1,
 confusion matrix), `hierarchy` (Cell Ontology hierarchical metrics) and `plot`. This module
 composes them into a `Report` per run; `command` is the service behind `cellpuzzle score`.
 The names callers use are re-exported here.
@@ -77,12 +77,13 @@ def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool 
     rng = np.random.default_rng(seed)
     overall = summarise(j, None, rng, resamples)
     overall["errors"] = j.errors
-    overall.update(chance(j.n))
+    offered = j.n if j.n_candidates is None else j.n_candidates
+    overall.update(chance(j.n, offered))
     by_n = {}
     for value in np.unique(j.n):
         mask = j.n == value
         by_n[int(value)] = summarise(j, mask, np.random.default_rng([seed, int(value)]), resamples)
-        by_n[int(value)].update(chance(j.n[mask]))
+        by_n[int(value)].update(chance(j.n[mask], offered[mask]))
     missing = None
     if reference is not None:
         have = {p for p in j.puzzle_ids if p is not None}
