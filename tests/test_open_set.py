@@ -195,3 +195,20 @@ def test_celltypist_reference_answers_open_set_puzzles(tmp_path):
         verdict = judge(line["prediction"], answer_items(line["answer"]), candidates=offered)
         assert verdict.legitimate and verdict.n_items == verdict.n_distinct == line["n"]
         assert verdict.n_outside == 0
+
+
+def test_sft_examples_of_open_set_puzzles():
+    from cellpuzzle_cli.rationale import build_targets
+    from cellpuzzle_cli.sft import sft_examples
+
+    records = open_records(12, seed=7)
+    targets, counts = build_targets(records, "template")   # what prepare_examples does
+    examples = sft_examples(records, targets)
+    assert counts == {"template": 12}   # one reasoning line per cell, not per candidate
+    by_user = {r["user_msg"]: r for r in records}
+    for ex in examples:
+        record = by_user[ex["prompt"][1]["content"]]
+        assert ex["prompt"][0]["content"] == OPEN_SYSTEM_PROMPT
+        target = ex["completion"][0]["content"]
+        assert judge(target, answer_items(record["assistant_msg"])).exact
+        assert target.count("\nCell ") == record["n"]
