@@ -9,6 +9,8 @@ they can never disagree. The rules follow Cell-o1's evaluation script (arXiv 250
   text is `<think>…</think>\\n<answer>…</answer>` and nothing else (one final newline is
   tolerated, as Cell-o1's `re.match(…$)` tolerates it); the candidate contains `|`.
 - Items: split on `|`, stripped, empties dropped, compared case-insensitively by position.
+- Candidates (open-set puzzles, where the gold answer does not name them all): when given to
+  `judge`, items outside them are counted, and the reward is −1 for any.
 
 The checks use plain string operations rather than a regex: `score` parses hundreds of
 thousands of predictions per second, and with each tag present exactly once, "starts with
