@@ -9,6 +9,8 @@ they can never disagree. The rules follow Cell-o1's evaluation script (arXiv 250
   text is `<think>…</think>\\n<answer>…</answer>` and nothing else (one final newline is
   tolerated, as Cell-o1's `re.match(…$)` tolerates it); the candidate contains `|`.
 - Items: split on `|`, stripped, empties dropped, compared case-insensitively by position.
+- Candidates (open-set puzzles, where the gold answer does not name them all): when given to
+  `judge`, items outside them are counted, and the reward is −1 for any.
 
 The checks use plain string operations rather than a regex: `score` parses hundreds of
 thousands of predictions per second, and with each tag present exactly once, "starts with
@@ -42,7 +44,8 @@ class Verdict:
     """One prediction judged against its gold answer (the per-prediction view of `score`).
 
     `n` is the number of gold items; `correct` counts positional case-insensitive matches;
-    `n_items`/`n_distinct` describe the predicted items (0 when illegitimate).
+    `n_items`/`n_distinct` describe the predicted items (0 when illegitimate); `n_outside`
+    counts items that are none of the puzzle's candidates (0 when they were not given).
     """
 
     legitimate: bool
@@ -51,6 +54,7 @@ class Verdict:
     exact: bool
     n_items: int
     n_distinct: int
+    n_outside: int = 0
 
     @property
     def uniqueness(self) -> float:
@@ -180,14 +184,19 @@ def judge_items(text: str, gold_lower: list[str], cello1_compat: bool = False
     return (True, correct, exact, len(lowered), len(set(lowered))), lowered
 
 
-def judge(prediction: str | None, gold: Sequence[str], cello1_compat: bool = False) -> Verdict:
+def judge(prediction: str | None, gold: Sequence[str], cello1_compat: bool = False,
+          candidates: Sequence[str] | None = None) -> Verdict:
     """Score one prediction against the gold items.
 
     Exact needs as many items as gold and all matching; `cello1_compat` reproduces Cell-o1's
-    script instead (extra items still count as exact, uniqueness is case-sensitive).
+    script instead (extra items still count as exact, uniqueness is case-sensitive). With
+    `candidates`, items that are none of them (case aside) are counted in `n_outside`.
     """
-    legitimate, correct, exact, n_items, n_distinct = judge_tuple(prediction, gold, cello1_compat)
-    return Verdict(legitimate, len(gold), correct, exact, n_items, n_distinct)
+    (legitimate, correct, exact, n_items, n_distinct), items = judge_items(
+        prediction or "", [g.lower() for g in gold], cello1_compat)
+    allowed = None if candidates is None else {str(c).lower() for c in candidates}
+    outside = 0 if allowed is None else sum(item not in allowed for item in items)
+    return Verdict(legitimate, len(gold), correct, exact, n_items, n_distinct, outside)
 
 
 REWARD_VARIANTS = ("cello1", "partial", "exact")
@@ -203,12 +212,14 @@ def check_variant(variant: str) -> str:
 def reward_from_verdict(v: Verdict, variant: str = DEFAULT_VARIANT) -> float:
     """Reward of a judged prediction.
 
-    −1 when the layout is illegitimate, the item count differs from N, or an item repeats
-    (case-insensitive); otherwise `cello1`: (correct/N + exact)/2, `partial`: correct/N,
-    `exact`: 1 or 0.
+    −1 when the layout is illegitimate, the item count differs from N (the cells, not the
+    candidates: an open-set puzzle offers more), an item repeats (case-insensitive), or an item
+    is none of the puzzle's candidates (when the verdict knew them); otherwise `cello1`:
+    (correct/N + exact)/2, `partial`: correct/N, `exact`: 1 or 0.
     """
     check_variant(variant)
-    if not v.legitimate or v.n_items != v.n or v.n_distinct != v.n_items or v.n == 0:
+    if (not v.legitimate or v.n_items != v.n or v.n_distinct != v.n_items or v.n == 0
+            or v.n_outside):
         return -1.0
     if variant == "cello1":
         return (v.correct / v.n + float(v.exact)) / 2.0

@@ -1,9 +1,11 @@
 """The classical baseline an LLM has to beat: marker-gene likelihoods plus a one-to-one assignment.
 
 It learns `MarkerStats` from training puzzles only, scores every (cell, candidate) pair by
-smoothed log-likelihood and solves the puzzle's constraint (each candidate used once) with the
-Hungarian algorithm. Its output is an ordinary prediction text, so `score` reads it like any
-model's.
+smoothed log-likelihood and solves the puzzle's constraint (each cell one candidate, no candidate
+twice) with the Hungarian algorithm. On an open-set puzzle (more candidates than cells) the
+matrix is rectangular and `linear_sum_assignment` still gives each cell a distinct candidate,
+leaving the worst-fitting candidates unused. Its output is an ordinary prediction text, so
+`score` reads it like any model's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from cellpuzzle_cli.prompts import parse_question, record_question
 def assign(scores: np.ndarray) -> list[int]:
     """Candidate index for each cell maximising the total score, each candidate used at most once.
 
-    With more cells than candidates, cells left over take their best candidate.
+    With more candidates than cells (open set), some candidates go unused; with more cells
+    than candidates, cells left over take their best candidate.
     """
     from scipy.optimize import linear_sum_assignment
 

@@ -2,9 +2,10 @@
 
 A puzzle is N cells from one group — (dataset, donor) or, where build-context recorded a
 batch, (dataset, donor, batch) — each of a different cell type, with those N types as the
-candidates. Per group and per N (``min_n``..``max_n``) up to ``per_n`` puzzles are drawn:
-N types uniformly without replacement (their draw order is the cell order), then one cell
-uniformly from each type's pool.
+candidates (plus up to ``extra_candidates`` absent types: open-set puzzles, see `open_set`).
+Per group and per N (``min_n``..``max_n``) up to ``per_n`` puzzles are drawn: N types uniformly
+without replacement (their draw order is the cell order), then one cell uniformly from each
+type's pool. An N that no group has enough types for yields no puzzle and a warning.
 
 Choices worth knowing:
 
@@ -39,9 +40,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellpuzzle_cli.answer import format_answer
-from cellpuzzle_cli.config import Count, Seed, check_settings, save_settings
+from cellpuzzle_cli.config import Count, NonNegative, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, write_jsonl
+from cellpuzzle_cli.open_set import add_extras, group_pools
 from cellpuzzle_cli.prompts import format_question
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
@@ -57,7 +59,6 @@ _UNKNOWN_DONOR = "unknown"
 _MAX_ATTEMPTS_PER_PUZZLE = 20
 
 
-
 @dataclass(frozen=True)
 class MakeQaSettings:
     """Everything that decides which puzzles come out (written beside them)."""
@@ -69,6 +70,7 @@ class MakeQaSettings:
     sort_candidates: bool = False
     ignore_batch: bool = False
     test_cells: float = 0.0
+    extra_candidates: NonNegative = 0   # K absent types added to each puzzle's candidates
 
     def validate(self) -> None:
         if self.min_n < 2:
@@ -162,6 +164,8 @@ class MakeQAResult:
     short_per_n: dict[int, int]
     mixed_context: int
     per_fold: dict[str, int] = field(default_factory=dict)  # "all" or "train"/"test"
+    extra_short: int = 0  # puzzles given fewer than `extra_candidates` extra candidates
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_puzzles(self) -> int:
@@ -172,7 +176,8 @@ class MakeQAResult:
         return {"files": self.n_files, "cells": self.n_cells, "groups_used": self.groups_used,
                 "groups_skipped": self.groups_skipped, "puzzles": self.n_puzzles,
                 "puzzles_per_n": self.puzzles_per_n, "short_per_n": self.short_per_n,
-                "mixed_context": self.mixed_context, "per_fold": self.per_fold}
+                "mixed_context": self.mixed_context, "per_fold": self.per_fold,
+                "extra_short": self.extra_short, "warnings": self.warnings}
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -327,9 +332,9 @@ def _term(value: Any) -> str | None:
 
 
 def build_group_puzzles(cells: Cells, group: Group, config: MakeQaSettings,
-                        context_codes: np.ndarray, contexts: np.ndarray,
-                        stats: dict[str, Counter]) -> list[dict[str, Any]]:
-    """Every puzzle of one group, as output records."""
+                        context_codes: np.ndarray, contexts: np.ndarray, stats: dict[str, Counter],
+                        pools: list[list[str]] | None = None) -> list[dict[str, Any]]:
+    """Every puzzle of one group, as records; extra candidates come from `pools`."""
     import numpy as np
     import pyarrow as pa
 
@@ -347,8 +352,13 @@ def build_group_puzzles(cells: Cells, group: Group, config: MakeQaSettings,
     records = []
     for n, k, rows, perm in samples:
         answer_types = [str(cells.types[r]) for r in rows]
-        candidates = (sorted(answer_types) if config.sort_candidates
-                      else [answer_types[i] for i in perm])
+        candidates, added = [answer_types[i] for i in perm], 0
+        if pools:
+            candidates, added = add_extras(candidates, pools, config.extra_candidates,
+                                           seeded_rng(config.seed, group.name, n, k, "extras"))
+        stats["extra_short"][0] += added < config.extra_candidates
+        if config.sort_candidates:
+            candidates = sorted(candidates)
         context, mixed = _context(context_codes[rows], contexts)
         stats["mixed"][0] += mixed
         stats["puzzles_per_n"][n] += 1
@@ -371,6 +381,20 @@ def build_group_puzzles(cells: Cells, group: Group, config: MakeQaSettings,
     return records
 
 
+def run_warnings(config: MakeQaSettings, stats: dict[str, Counter], most_types: int,
+                 n_puzzles: int) -> list[str]:
+    """Each requested N that gave no puzzle, and puzzles short of extra candidates."""
+    out = [f"N={n}: no puzzle, because no group has {n} distinct cell types (the most any has "
+           f"is {most_types}); lower --max-n to {most_types}."
+           for n in range(config.min_n, config.max_n + 1) if not stats["puzzles_per_n"][n]]
+    short = stats["extra_short"][0]
+    if short:
+        out.append(f"{short} of {n_puzzles} puzzles got fewer than --extra-candidates "
+                   f"{config.extra_candidates} extra candidates: their group and dataset have "
+                   "too few other cell types.")
+    return out
+
+
 def make_puzzles(cells_path: Path, out_dir: Path, config: MakeQaSettings = MakeQaSettings(),
                  overwrite: bool = False, progress: Progress | None = None) -> MakeQAResult:
     """Read the cell tables, sample puzzles per group and write `puzzles.jsonl` atomically."""
@@ -386,11 +410,12 @@ def make_puzzles(cells_path: Path, out_dir: Path, config: MakeQaSettings = MakeQ
         groups = index_groups(cells, not config.ignore_batch)
         stats: dict[str, Counter] = {k: Counter() for k in
                                      ("groups_per_n", "short_per_n", "puzzles_per_n", "mixed",
-                                      "folds")}
+                                      "folds", "extra_short")}
         if progress:
             progress(0, total=len(groups), description="Sampling puzzles")
         records: list[dict[str, Any]] = []
         skipped: list[str] = []
+        pools = group_pools(groups) if config.extra_candidates else {}
         for group in groups:
             if progress:
                 progress(1)
@@ -400,7 +425,8 @@ def make_puzzles(cells_path: Path, out_dir: Path, config: MakeQaSettings = MakeQ
             parts = (split_cell_folds(group, config.test_cells, config.seed)
                      if config.test_cells else [group])
             for part in parts:
-                records.extend(build_group_puzzles(cells, part, config, codes, contexts, stats))
+                records.extend(build_group_puzzles(cells, part, config, codes, contexts, stats,
+                                                   pools.get(group.name)))
         if not records:
             raise UserError(f"No puzzles could be made: none of the {len(groups)} group(s) in "
                             f"{cells_path} has at least --min-n {config.min_n} distinct cell "
@@ -416,7 +442,10 @@ def make_puzzles(cells_path: Path, out_dir: Path, config: MakeQaSettings = MakeQ
             puzzles_per_n=dict(sorted(stats["puzzles_per_n"].items())),
             groups_per_n=dict(sorted(stats["groups_per_n"].items())),
             short_per_n={n: c for n, c in sorted(stats["short_per_n"].items()) if c},
-            mixed_context=stats["mixed"][0], per_fold=dict(sorted(stats["folds"].items())))
+            mixed_context=stats["mixed"][0], per_fold=dict(sorted(stats["folds"].items())),
+            extra_short=stats["extra_short"][0],
+            warnings=run_warnings(config, stats, max(len(g.types) for g in groups),
+                                  len(records)))
         write_jsonl(tmp / PUZZLES_FILE, records)
         save_settings(tmp, "make-qa", config)
     return result

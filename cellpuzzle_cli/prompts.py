@@ -13,19 +13,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SYSTEM_PROMPT = (
-    "You are an expert in single-cell biology. The user gives you several cells from one donor, "
-    "each described by its most highly expressed genes in descending order, and a list of "
-    "candidate cell types. Every candidate belongs to exactly one cell and every cell has exactly "
-    "one candidate. Reason about marker genes and the donor context, then commit to one complete "
+_INTRO = ("You are an expert in single-cell biology. The user gives you several cells from one "
+          "donor, each described by its most highly expressed genes in descending order, and a "
+          "list of candidate cell types")
+_CLOSED_RULE = (". Every candidate belongs to exactly one cell and every cell has exactly one "
+                "candidate.")
+_OPEN_RULE = (" that holds more types than there are cells. Every cell has exactly one candidate, "
+              "no candidate belongs to more than one cell, and some candidates belong to no cell.")
+_LAYOUT = (
+    " Reason about marker genes and the donor context, then commit to one complete "
     "assignment.\n"
     "Reply in exactly this layout:\n"
     "<think>\nyour reasoning\n</think>\n"
     "<answer>type of Cell 1 | type of Cell 2 | ... | type of the last cell</answer>\n"
     "Inside <answer>, list the candidate names exactly as written, in cell order, separated by ' | '."
 )
+SYSTEM_PROMPT = _INTRO + _CLOSED_RULE + _LAYOUT       # closed puzzles: N cells, N candidates
+OPEN_SYSTEM_PROMPT = _INTRO + _OPEN_RULE + _LAYOUT    # open set: N cells, more candidates
 
 CANDIDATES_HEADER = "Candidate cell types (use each exactly once):"
+OPEN_HEADER = ("Candidate cell types ({m} for {n} cells; each cell is exactly one of them, each "
+               "candidate fits at most one cell, leaving {k} unused):")
 _CELL_LINE = re.compile(r"^\s*Cell\s+(\d+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 
 
@@ -38,11 +46,26 @@ def load_system_prompt(path: Path | None) -> str:
     return read_text(path, "system prompt file").strip()
 
 
+def system_prompt(n_cells: int, n_candidates: int) -> str:
+    """The shipped system message for a puzzle of this shape: closed (as many candidates as
+    cells, Cell-o1's task) or open set (more candidates than cells)."""
+    return SYSTEM_PROMPT if n_candidates <= n_cells else OPEN_SYSTEM_PROMPT
+
+
+def candidates_header(n_cells: int, n_candidates: int) -> str:
+    """The line above the candidate list; an open-set puzzle states both counts in it."""
+    if n_candidates < n_cells:
+        raise ValueError(f"{n_candidates} candidates cannot label {n_cells} cells one each")
+    if n_candidates == n_cells:
+        return CANDIDATES_HEADER
+    return OPEN_HEADER.format(m=n_candidates, n=n_cells, k=n_candidates - n_cells)
+
+
 def format_question(context: str, cells: Sequence[Sequence[str]], candidates: Sequence[str]) -> str:
     """User message: donor context, one `Cell i: g1, g2, …` line per cell, then the candidates."""
     lines = [context.strip(), ""] if context and context.strip() else []
     lines += [f"Cell {i}: {', '.join(genes)}" for i, genes in enumerate(cells, 1)]
-    lines += ["", CANDIDATES_HEADER, *candidates]
+    lines += ["", candidates_header(len(cells), len(candidates)), *candidates]
     return "\n".join(lines)
 
 
@@ -87,26 +110,43 @@ def parse_question(question: str) -> tuple[list[list[str]], list[str]]:
     return cells, items
 
 
-def check_answers(records: Sequence[dict[str, Any]], path: Path | str) -> None:
-    """Every gold answer uses each candidate of its question exactly once: a model trained on
-    anything else learns to break the puzzle's one rule."""
-    from collections import Counter
+def record_candidates(record: dict[str, Any]) -> list[str]:
+    """A puzzle's candidate types: its `candidates` field (make-qa's records), else the list in
+    its question (splits, Cell-o1's files, the published Parquet); [] when it has none."""
+    listed = record.get("candidates")
+    if listed is not None and not isinstance(listed, str):
+        return [str(c) for c in listed]
+    return parse_question(record_question(record))[1]
 
+
+def answer_breaks_rule(items: Sequence[str], n_cells: int, candidates: Sequence[str]) -> bool:
+    """Whether answer items break the puzzle's rule: one item per cell, each a candidate (case
+    aside), no candidate twice. For a closed puzzle that is "each candidate exactly once"."""
+    keys = [x.lower() for x in items]
+    allowed = {c.lower() for c in candidates}
+    return len(keys) != n_cells or len(set(keys)) != len(keys) or not allowed.issuperset(keys)
+
+
+def check_answers(records: Sequence[dict[str, Any]], path: Path | str) -> None:
+    """Every gold answer gives each cell one candidate of its question, none twice: a model
+    trained on anything else learns to break the puzzle's one rule."""
     from cellpuzzle_cli.answer import answer_items
     from cellpuzzle_cli.errors import UserError
 
     for i, rec in enumerate(records, 1):
-        _, candidates = parse_question(record_question(rec))
+        cells, candidates = parse_question(record_question(rec))
         if not candidates:
             continue  # a layout without a candidate list: nothing to check against
         items = answer_items(rec.get("assistant_msg") if rec.get("assistant_msg") is not None
                              else rec.get("answer"))
-        if Counter(x.lower() for x in items) != Counter(c.lower() for c in candidates):
+        n_cells = len(cells) or len(candidates)   # no cell lines: a closed puzzle, as before
+        if answer_breaks_rule(items, n_cells, candidates):
             name = rec.get("puzzle_id") or f"record {i}"
             raise UserError(f"Puzzle '{name}' in {path} answers '{' | '.join(items)}', which is "
-                            f"not its candidates ({', '.join(candidates)}) each used once. Fix or "
-                            "drop that puzzle; training on it would teach the model to break the "
-                            "puzzle's rule.")
+                            f"not one type per cell ({n_cells} cells) from its candidates "
+                            f"({', '.join(candidates)}), each candidate used at most once. Fix "
+                            "or drop that puzzle; training on it would teach the model to break "
+                            "the puzzle's rule.")
 
 
 def chat_messages(system_msg: str | None, user_msg: str,
@@ -123,5 +163,9 @@ def chat_messages(system_msg: str | None, user_msg: str,
 
 def record_messages(record: dict[str, Any], with_answer: bool = False) -> list[dict[str, str]]:
     """Chat turns for a split record (`system_msg`, `user_msg`, `assistant_msg`)."""
-    return chat_messages(record.get("system_msg") or SYSTEM_PROMPT, record["user_msg"],
+    system_msg = record.get("system_msg")
+    if not system_msg:   # the shipped message for the puzzle's shape (closed or open set)
+        cells, candidates = parse_question(record["user_msg"])
+        system_msg = system_prompt(len(cells), len(candidates))
+    return chat_messages(system_msg, record["user_msg"],
                          record.get("assistant_msg") if with_answer else None)

@@ -2,8 +2,14 @@
 
 Both judge a completion with `cellpuzzle_cli.answer.judge`, the function behind `score`'s
 per-prediction metrics, so what RL optimises is what `score` reports. Value: −1 for an
-illegitimate layout, a wrong number of items or a repeated item; otherwise
+illegitimate layout, a wrong number of items (one per cell) or a repeated item; otherwise
 (cell accuracy + exact)/2 (variant `cello1`, the default), or `partial` / `exact` alone.
+
+Open-set puzzles (more candidates than cells, `make-qa --extra-candidates`): the gold answer
+no longer tells which types were offered, so to-parquet records them in
+`extra_info.candidates`; verl passes `extra_info` to `compute_score` and the TRL backend passes
+the `candidates` column, and an item that is none of them gets −1. Closed puzzles carry no
+candidate list there and are judged exactly by Cell-o1's rule (which never saw candidates).
 
 Repeats: `partial` and `exact` count items that differ only in case (`X | x`) as a repeat
 (−1), like `score`; `cello1` follows Cell-o1's reward, which compares case-sensitively and so
@@ -30,10 +36,18 @@ from cellpuzzle_cli.answer import (
 )
 
 
-def reward(completion: str | None, ground_truth: str | Sequence[str], variant: str = DEFAULT_VARIANT) -> float:
-    """Reward of one completion text against a gold answer (`"t1 | t2"` or a full answer text)."""
+def reward(completion: str | None, ground_truth: str | Sequence[str],
+           variant: str = DEFAULT_VARIANT, candidates: Sequence[str] | None = None) -> float:
+    """Reward of one completion text against a gold answer (`"t1 | t2"` or a full answer text);
+    with `candidates`, an item outside them gets −1."""
     cased = check_variant(variant) == "cello1"   # Cell-o1's case-sensitive repeat rule
-    return reward_from_verdict(judge(completion, answer_items(ground_truth), cased), variant)
+    verdict = judge(completion, answer_items(ground_truth), cased, _names(candidates))
+    return reward_from_verdict(verdict, variant)
+
+
+def _names(candidates: Any) -> list[str] | None:
+    """Candidates as plain strings; verl hands Parquet lists over as numpy arrays."""
+    return None if candidates is None else [str(c) for c in candidates]
 
 
 REWARD_LOG_ENV = "CELLPUZZLE_REWARD_LOG"
@@ -59,12 +73,14 @@ def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
                   extra_info: dict[str, Any] | None = None, **_: Any) -> float:
     """verl's custom-reward entry point; any `data_source` is accepted (ours is `cellpuzzle`).
 
-    `extra_info["reward_variant"]` picks a variant per example.
+    `extra_info["reward_variant"]` picks a variant per example; `extra_info["candidates"]`
+    (open-set puzzles) the types an answer may use.
     """
-    variant = (extra_info or {}).get("reward_variant") or DEFAULT_VARIANT
+    info = extra_info or {}
+    variant = info.get("reward_variant") or DEFAULT_VARIANT
     if isinstance(ground_truth, dict):  # tolerate reward_model dicts passed whole
         ground_truth = ground_truth.get("ground_truth", "")
-    value = reward(solution_str, ground_truth, variant)
+    value = reward(solution_str, ground_truth, variant, info.get("candidates"))
     _log_call({"data_source": data_source, "ground_truth": ground_truth, "variant": variant,
                "solution": solution_str, "score": value})
     return value
@@ -90,7 +106,9 @@ def make_trl_reward(variant: str = DEFAULT_VARIANT) -> Callable[..., list[float]
     def fn(completions: Sequence[Any], ground_truth: Sequence[Any], **kwargs: Any) -> list[float]:
         if len(completions) != len(ground_truth):
             raise ValueError(f"{len(completions)} completions but {len(ground_truth)} ground truths")
-        return [reward(completion_text(c), g, variant) for c, g in zip(completions, ground_truth)]
+        candidates = kwargs.get("candidates") or [None] * len(completions)
+        return [reward(completion_text(c), g, variant, cands)
+                for c, g, cands in zip(completions, ground_truth, candidates)]
 
     fn.__name__ = f"cellpuzzle_{variant}_reward"
     fn.__qualname__ = fn.__name__

@@ -43,7 +43,12 @@ from cellpuzzle_cli.io import (
     write_jsonl,
 )
 from cellpuzzle_cli.make_qa import IDS_FIELD, PUZZLES_FILE, seeded_rng
-from cellpuzzle_cli.prompts import check_answers, load_system_prompt
+from cellpuzzle_cli.prompts import (
+    check_answers,
+    load_system_prompt,
+    record_candidates,
+    system_prompt,
+)
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
     import numpy as np
@@ -291,10 +296,14 @@ def overlap_counts(train: Iterable[dict[str, Any]],
             "shared": {k: len(a[k] & b[k]) for k in a}}
 
 
-def split_record(puzzle: dict[str, Any], system_msg: str) -> dict[str, Any]:
+def split_record(puzzle: dict[str, Any], system_msg: str | None = None) -> dict[str, Any]:
+    """A split record; without a user's `system_msg`, the shipped one for the puzzle's shape
+    (closed, or open set with more candidates than cells)."""
+    n = int(puzzle["n"])
+    system_msg = system_msg or system_prompt(n, len(record_candidates(puzzle)))
     return {"system_msg": system_msg, "user_msg": puzzle["question"],
             "assistant_msg": puzzle["answer"], "puzzle_id": puzzle["puzzle_id"],
-            "n": int(puzzle["n"]), "group": puzzle["group"], "dataset": puzzle["dataset"],
+            "n": n, "group": puzzle["group"], "dataset": puzzle["dataset"],
             "donor_id": puzzle["donor_id"], "cell_ids": list(puzzle["cell_ids"]),
             **({IDS_FIELD: puzzle[IDS_FIELD]} if IDS_FIELD in puzzle else {})}
 
@@ -303,8 +312,9 @@ def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitSettings = Spl
                   overwrite: bool = False, progress: Progress | None = None) -> SplitResult:
     """Assign puzzles to train/test, verify nothing leaks, write both files atomically."""
     check_settings(config)
-    system_msg = load_system_prompt(config.system_prompt_file)
-    if not system_msg:
+    custom = config.system_prompt_file
+    system_msg = load_system_prompt(custom) if custom is not None else None
+    if custom is not None and not system_msg:
         raise UserError(f"The system prompt file {config.system_prompt_file} is empty. Give a "
                         "file with the instructions text, or drop --system-prompt-file.")
     path = resolve_puzzles_path(puzzles_path)

@@ -6,7 +6,10 @@ Cell-o1's own reward returns −1 unless it contains `cell_data`, so users of th
 messages from `prompts.record_messages`: a system turn and a user turn — the same turns sft
 trains on and predict asks with; Cell-o1 used a user-only RL prompt and a different evaluation
 prompt, we use one everywhere), `ability`, `reward_model {style: "rule", ground_truth}` with the
-plain gold answer `t1 | t2 | …`, and `extra_info {split, index, puzzle_id, n, group}`.
+plain gold answer `t1 | t2 | …`, and `extra_info {split, index, puzzle_id, n, group}`, plus
+`candidates` (the list the question offers) for open-set puzzles, whose gold answer does not
+name every candidate: the reward needs them to refuse an answer outside them. Closed rows are
+unchanged, so Cell-o1's reward and files read them as before.
 
 The validation puzzles are held out seeded and group-aware (whole donors where there are
 several), instead of reusing the first training rows as Cell-o1's script did.
@@ -23,7 +26,7 @@ from cellpuzzle_cli.answer import answer_items, format_answer
 from cellpuzzle_cli.config import Check, Seed, check_settings, save_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import atomic_output_dir
-from cellpuzzle_cli.prompts import record_messages
+from cellpuzzle_cli.prompts import record_candidates, record_messages
 
 if TYPE_CHECKING:
     from cellpuzzle_cli.io import Progress
@@ -69,15 +72,18 @@ def rl_rows(records: Sequence[dict[str, Any]], split: str = "train", start_index
     for i, rec in enumerate(records, start_index):
         items = answer_items(rec.get("assistant_msg"))
         group = rec.get("group")
+        n = int(rec.get("n") or len(items))
+        info = {"split": split, "index": i, "puzzle_id": str(rec.get("puzzle_id") or f"{split}-{i}"),
+                "n": n, "group": None if group is None else str(group)}
+        candidates = record_candidates(rec)
+        if len(candidates) > n:   # open set: the gold answer alone does not name them
+            info["candidates"] = candidates
         rows.append({
             "data_source": data_source,
             "prompt": record_messages(rec),
             "ability": ability,
             "reward_model": {"style": "rule", "ground_truth": format_answer(items)},
-            "extra_info": {"split": split, "index": i,
-                           "puzzle_id": str(rec.get("puzzle_id") or f"{split}-{i}"),
-                           "n": int(rec.get("n") or len(items)),
-                           "group": None if group is None else str(group)},
+            "extra_info": info,
         })
     return rows
 

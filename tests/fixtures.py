@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cellpuzzle_cli.answer import format_answer
-from cellpuzzle_cli.prompts import SYSTEM_PROMPT, format_question
+from cellpuzzle_cli.prompts import format_question
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
@@ -116,14 +116,15 @@ def _cell_genes(rng: random.Random, markers: Sequence[str], planted: tuple[int, 
 def make_puzzles(count: int = 40, seed: int = 0, *, n_cells: tuple[int, int] = (3, 4),
                  genes_per_cell: int = 8, markers: tuple[int, int] = (2, 3), n_donors: int = 4,
                  background: int = 40, long_ids: Sequence[str] = (), long_genes: int = 60,
-                 id_prefix: str = "puzzle") -> list[dict[str, Any]]:
+                 id_prefix: str = "puzzle", extra: int = 0) -> list[dict[str, Any]]:
     """`count` puzzles in make-qa's layout (`question`, `answer`, `candidates`, ids, group).
 
     Each puzzle holds `n_cells` (a range) cells of distinct types from MARKERS, each listing
     `genes_per_cell` genes of which `markers` (a range) are its type's planted markers; the
     candidates are shuffled, as make-qa shuffles them. Ids `{id_prefix}-{i:03d}` listed in
     `long_ids` get `long_genes` genes a cell (prompts too long for a small model length);
-    `background` sets how many numbered genes the cells draw the rest from.
+    `background` sets how many numbered genes the cells draw the rest from; `extra` adds that
+    many absent types to the candidates (open-set puzzles, as make-qa --extra-candidates).
     """
     rng = random.Random(seed)
     pool = background_genes(background)
@@ -135,6 +136,9 @@ def make_puzzles(count: int = 40, seed: int = 0, *, n_cells: tuple[int, int] = (
         width = long_genes if puzzle_id in long_ids else genes_per_cell
         cells = [_cell_genes(rng, MARKERS[t], markers, pool, width) for t in cell_types]
         candidates = rng.sample(cell_types, len(cell_types))
+        if extra:
+            absent = [t for t in types if t not in cell_types]
+            candidates = rng.sample(candidates + rng.sample(absent, extra), len(cell_types) + extra)
         donor = f"donor{i % n_donors}"
         context = f"The cells come from {donor}, a healthy adult, blood sample."
         puzzles.append({
@@ -146,9 +150,10 @@ def make_puzzles(count: int = 40, seed: int = 0, *, n_cells: tuple[int, int] = (
     return puzzles
 
 
-def make_records(count: int = 40, seed: int = 0, *, system_msg: str = SYSTEM_PROMPT,
+def make_records(count: int = 40, seed: int = 0, *, system_msg: str | None = None,
                  **shape: Any) -> list[dict[str, Any]]:
-    """The puzzles of `make_puzzles(count, seed, **shape)` as `split` writes them."""
+    """The puzzles of `make_puzzles(count, seed, **shape)` as `split` writes them (the shipped
+    system message for their shape unless `system_msg` is given)."""
     from cellpuzzle_cli.split import split_record
 
     return [split_record(p, system_msg) for p in make_puzzles(count, seed, **shape)]

@@ -276,7 +276,7 @@ def test_training_answers_must_use_each_candidate_once(tmp_path):
     records[2]["assistant_msg"] = " | ".join(["T cell"] * records[2]["n"])
     bad = write_records(tmp_path / "train.jsonl", records)
     refused_leaving_nothing(tmp_path, ["to-parquet", bad, "-o", tmp_path / "rl"],
-                            records[2]["puzzle_id"], "each used once")
+                            records[2]["puzzle_id"], "used at most once")
 
 
 def test_score_reference_without_overlap(pipeline, tmp_path):

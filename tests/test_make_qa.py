@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -201,3 +202,92 @@ def test_bad_input_is_a_clear_user_error(tmp_path, cli, case):
         assert (out / "puzzles.jsonl").read_text() == "old\n"
     else:
         assert not out.exists(), "nothing half-written"
+
+
+# -- open-set puzzles (--extra-candidates) and warnings ---------------------------------------
+def test_closed_puzzles_are_byte_identical_to_before_open_sets(tmp_path):
+    # sha256 of the files make-qa wrote before --extra-candidates existed (same data, seeds).
+    cells = donors_dataset(tmp_path / "cells", n_donors=3, n_types=6)
+    pinned = {"a": ("0573159b88b7417a350201a3d3f69225bf3a2084119df5eef7055c1247a915de",
+                    MakeQaSettings(per_n=5, seed=3)),
+              "b": ("81a987d976072a269e700e9ccf7acdd3df6ca300cfb701cd381714e535d92744",
+                    MakeQaSettings(per_n=5, seed=3, sort_candidates=True, test_cells=0.3))}
+    for name, (digest, config) in pinned.items():
+        make_puzzles(cells, tmp_path / name, config)
+        data = (tmp_path / name / "puzzles.jsonl").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, name
+
+
+def open_set_cells(root: Path) -> Path:
+    """Dataset ds: donor A with types T0-T5, donor B with T0-T2, T6, T7; dataset other: donor C
+    with types X0-X2, which ds's puzzles must never be offered."""
+    write_cells(root / "a.parquet", cell_rows("ds", "A", {f"T{i}": 3 for i in range(6)}))
+    write_cells(root / "b.parquet", cell_rows("ds", "B", {f"T{i}": 3 for i in (0, 1, 2, 6, 7)}))
+    write_cells(root / "c.parquet", cell_rows("other", "C", {f"X{i}": 3 for i in range(3)}))
+    return root
+
+
+def test_extra_candidates_come_from_the_group_then_the_dataset(tmp_path):
+    cells = open_set_cells(tmp_path / "cells")
+    config = MakeQaSettings(min_n=3, max_n=6, per_n=4, seed=5, extra_candidates=2)
+    result = make_puzzles(cells, tmp_path / "open", config)
+    puzzles = read_puzzles(tmp_path / "open")
+    group_types = {"A": {f"T{i}" for i in range(6)}, "B": {"T0", "T1", "T2", "T6", "T7"},
+                   "C": {"X0", "X1", "X2"}}
+    dataset_types = {"ds": {f"T{i}" for i in range(8)}, "other": group_types["C"]}
+    short = 0
+    for p in puzzles:
+        answer = p["answer"].split(ANSWER_SEPARATOR)
+        extras = [c for c in p["candidates"] if c not in answer]
+        assert len(set(p["candidates"])) == len(p["candidates"]), "each type at most once"
+        assert sorted(p["candidates"]) == sorted(answer + extras)
+        near = group_types[p["group"]] - set(answer)
+        far = dataset_types[p["dataset"]] - group_types[p["group"]]
+        assert len(extras) == min(2, len(near) + len(far))
+        if len(near) >= 2:
+            assert set(extras) <= near, "the group's own types come first"
+        else:
+            assert near <= set(extras) and set(extras) <= near | far
+        short += len(extras) < 2
+        assert parse_question(p["question"])[1] == p["candidates"]
+    # C's puzzles (3 types, no other type in its dataset) get none; A's N=6 and B's N=5 puzzles
+    # take the dataset's other types.
+    assert short == result.extra_short == 4 and result.summary()["extra_short"] == 4
+    assert any("4 of" in w and "--extra-candidates 2" in w for w in result.warnings)
+    # The cells are those of closed puzzles with the same seed; the candidates are shuffled.
+    make_puzzles(cells, tmp_path / "closed", MakeQaSettings(min_n=3, max_n=6, per_n=4, seed=5))
+    closed = read_puzzles(tmp_path / "closed")
+    assert [p["cell_ids"] for p in puzzles] == [p["cell_ids"] for p in closed]
+    assert any(p["candidates"][-1] not in p["answer"] for p in puzzles)
+    make_puzzles(cells, tmp_path / "again", config)
+    assert (tmp_path / "again" / "puzzles.jsonl").read_bytes() == \
+        (tmp_path / "open" / "puzzles.jsonl").read_bytes()
+
+
+def test_open_set_question_states_the_counts(tmp_path, cli):
+    cells = open_set_cells(tmp_path / "cells")
+    result = cli("make-qa", cells, "-o", tmp_path / "out", "--min-n", "3", "--max-n", "3",
+                 "--per-n", "2", "--extra-candidates", "2", "--sort-candidates")
+    assert result.code == 0, result.output
+    p = next(p for p in read_puzzles(tmp_path / "out") if p["group"] == "A")
+    assert len(p["candidates"]) == 5 and p["candidates"] == sorted(p["candidates"])
+    assert ("Candidate cell types (5 for 3 cells; each cell is exactly one of them, each "
+            "candidate fits at most one cell, leaving 2 unused):") in p["question"]
+    assert "use each exactly once" not in p["question"]
+    assert layer_settings(MakeQaSettings, tmp_path / "out" / "make-qa.yaml").extra_candidates == 2
+    assert "puzzles got fewer than --extra-candidates 2" in " ".join(result.stderr.split())
+
+
+def test_requested_n_without_puzzle_is_a_warning_in_the_output_and_manifest(tmp_path, cli):
+    from cellpuzzle_cli.manifest import Manifest
+
+    cells = donors_dataset(tmp_path / "cells", n_donors=2, n_types=4)
+    result = cli("make-qa", cells, "-o", tmp_path / "out", "--min-n", "3", "--max-n", "6",
+                 "--per-n", "2")
+    assert result.code == 0, result.output
+    said = " ".join(result.stderr.split())
+    for n in (5, 6):
+        assert f"N={n}: no puzzle, because no group has {n} distinct cell types" in said
+    assert "N=4:" not in said
+    warnings = Manifest(cli.manifest).latest("make-qa").extra["summary"]["warnings"]
+    assert [w.split(":")[0] for w in warnings] == ["N=5", "N=6"]

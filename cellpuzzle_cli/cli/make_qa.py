@@ -50,6 +50,11 @@ def make_qa(
         "--test-cells", help="For single-donor data: reserve this fraction of each type's cells "
                              "for test puzzles (tagged cell_fold), so `split --group-by cell` "
                              "loses no puzzle to leakage. 0: off.")] = MakeQaSettings.test_cells,
+    extra_candidates: Annotated[int, typer.Option(
+        "--extra-candidates", help="Open-set puzzles: add up to K cell types absent from the "
+                                   "puzzle's cells to its candidates (from the donor group's "
+                                   "other types first, then the dataset's). 0: closed puzzles.")]
+    = MakeQaSettings.extra_candidates,
     config: ConfigFile = None,
     overrides: Overrides = None,
     overwrite: Overwrite = False,
@@ -66,7 +71,7 @@ def make_qa(
     cells, settings = one_path(cells, overrides, "cells folders")
     options = given(ctx, min_n=min_n, max_n=max_n, per_n=per_n, seed=seed,
                     sort_candidates=sort_candidates, ignore_batch=ignore_batch,
-                    test_cells=test_cells)
+                    test_cells=test_cells, extra_candidates=extra_candidates)
     execute(ctx, Request("make-qa", {"cells": cells}, output, options, settings, config,
                          overwrite), fmt, lambda outcome: _print_summary(outcome.result))
 

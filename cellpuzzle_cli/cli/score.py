@@ -104,7 +104,8 @@ def _print(outcome: Outcome) -> None:
         for r in reports:
             m = r.by_n.get(n)
             row.append(f"{m['cell_accuracy']:.3f} / {m['exact_match']:.3f} ({m['count']})" if m else "-")
-        by_n.add_row(str(n), *row, chance_cell(n))
+        by_n.add_row(str(n), *row, chance_cell(next((r.by_n[n] for r in reports
+                                                     if n in r.by_n), None)))
     console.print(by_n)
     print_family_tables(console, reports)
     for r in reports:

@@ -5,14 +5,15 @@ Rendering only: every number comes from the reports `scoring` returns.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 
-def chance_cell(n: int) -> str:
-    """The By-N table's chance column: 1/N per cell / 1/N! per puzzle."""
-    return f"{1 / n:.3f} / {1 / math.factorial(n):.3g}" if n > 0 else "-"
+def chance_cell(metrics: dict[str, Any] | None) -> str:
+    """The By-N table's chance column, per cell / per puzzle (1/N and 1/N! for closed puzzles)."""
+    if not metrics:
+        return "-"
+    return f"{metrics['chance_cell_accuracy']:.3f} / {metrics['chance_exact_match']:.3g}"
 
 
 def print_family_tables(console: Any, reports: Sequence[Any]) -> None:

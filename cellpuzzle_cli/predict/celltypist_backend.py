@@ -10,8 +10,9 @@ with build-context's row reader and its choice of matrix: X, or .raw.X / a count
 is scaled); expression is brought to what CellTypist expects, log1p of counts normalised to
 10,000 per cell (a log-normalised matrix is first undone with expm1); `celltypist.train` fits
 its logistic regression; `celltypist.annotate` gives per-cell decision scores for the test
-cells; and each puzzle's candidates are assigned one-to-one with the Hungarian algorithm on the
-log-probabilities, as the baseline assigns its likelihoods.
+cells; and each puzzle's cells get distinct candidates by the Hungarian algorithm on the
+log-probabilities, as the baseline assigns its likelihoods (an open-set puzzle's extra
+candidates are simply columns that may go unused).
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ class CellTypistBackend:
         items = [candidates[j] for j in choice]
         think = (f"CellTypist (logistic regression on {len(self.model.features)} genes of full "
                  f"expression) scored each cell against the {len(candidates)} candidates; the "
-                 "types were assigned one-to-one by the Hungarian algorithm on log-probabilities.")
+                 "cells were given distinct types by the Hungarian algorithm on log-probabilities.")
         return format_prediction(think, items)
 
 

@@ -67,6 +67,14 @@ def puzzle_size(record: dict[str, Any]) -> int | None:
     return len(cells) or None
 
 
+def candidate_count(record: dict[str, Any]) -> int | None:
+    """How many candidates the puzzle offers (N for a closed puzzle, N+K for an open-set one),
+    so `score` can give chance without the test file; None when the question lists none."""
+    from cellpuzzle_cli.prompts import record_candidates
+
+    return len(record_candidates(record)) or None
+
+
 def read_done(path: Path, allowed: set[str]) -> dict[str, dict[str, Any]]:
     """Lines already in a shard file, by puzzle id; a torn last line is cut off the file."""
     path = Path(path)

@@ -25,6 +25,7 @@ from cellpuzzle_cli.predict.backends import make_backend, model_label, resolve_b
 from cellpuzzle_cli.predict.base import Backend, Generation
 from cellpuzzle_cli.predict.records import (
     ShardWriter,
+    candidate_count,
     load_test_records,
     puzzle_size,
     read_done,
@@ -171,6 +172,7 @@ def prediction_line(record: dict[str, Any], text: str | None, *, backend: str, m
         "prediction": text,
         "answer": record.get("assistant_msg"),
         "n": puzzle_size(record),
+        "n_candidates": candidate_count(record),
         "model": model,
         "backend": backend,
         "error": error,

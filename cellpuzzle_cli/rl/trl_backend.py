@@ -133,7 +133,8 @@ def build_plan(settings: RLSettings, use_cpu: bool) -> TrlPlan:
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    """`prompt` chat turns and `ground_truth` from a to-parquet (verl RL schema) file."""
+    """`prompt` chat turns, `ground_truth` and `candidates` (open-set puzzles, else None; TRL
+    hands the column to the reward) from a to-parquet (verl RL schema) file."""
     from cellpuzzle_cli.io import read_records
 
     rows = []
@@ -143,8 +144,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path} row {i} lacks a chat 'prompt' or reward_model.ground_truth; "
                             "it is not a to-parquet (verl RL schema) file. Re-run "
                             "`cellpuzzle to-parquet`.")
+        candidates = (rec.get("extra_info") or {}).get("candidates")   # open-set puzzles only
         rows.append({"prompt": [{"role": t["role"], "content": t["content"]} for t in rec["prompt"]],
-                     "ground_truth": gt, "data_source": rec.get("data_source") or "cellpuzzle"})
+                     "ground_truth": gt, "data_source": rec.get("data_source") or "cellpuzzle",
+                     "candidates": None if candidates is None else [str(c) for c in candidates]})
     if not rows:
         raise UserError(f"{path} holds no rows to train on.")
     return rows

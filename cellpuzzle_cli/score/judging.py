@@ -25,6 +25,7 @@ from cellpuzzle_cli.answer import (
 )
 from cellpuzzle_cli.errors import UserError, existing_path
 from cellpuzzle_cli.make_qa import IDS_FIELD
+from cellpuzzle_cli.prompts import record_candidates
 from cellpuzzle_cli.score.runs import file_records
 
 _LENGTH_CHUNK = 2048  # texts held at once while streaming a run
@@ -91,6 +92,7 @@ class Judged:
     length: np.ndarray
     errors: int
     cells: CellPairs | None = None
+    n_candidates: np.ndarray | None = None  # per prediction: N + K (N where unknown)
 
     @property
     def uniqueness(self) -> np.ndarray:
@@ -103,7 +105,9 @@ class Judged:
         """The `cello1` reward of every prediction, from the same numbers `score` reports.
 
         Equal to the RL reward for runs judged with `cello1_compat` (Cell-o1's case-sensitive
-        repeat rule); by default an answer repeating an item in another case gets −1 here.
+        repeat rule); by default an answer repeating an item in another case gets −1 here. On
+        open-set puzzles the RL reward also gives −1 to an item outside the candidates, which
+        prediction lines do not list; such an item only costs its cell here.
         """
         rows = zip(self.legitimate.tolist(), self.n.tolist(), self.correct.tolist(),
                    self.exact.tolist(), self.n_items.tolist(), self.n_distinct.tolist())
@@ -121,7 +125,7 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
     """
     owner: dict[str, Path] = {}
     ids: list[str | None] = []
-    rows: list[tuple[bool, int, bool, int, int, int]] = []
+    rows: list[tuple[bool, int, bool, int, int, int, int]] = []
     length_parts: list[np.ndarray] = []
     texts: list[str] = []
     used: list[Path] = []
@@ -162,15 +166,16 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
                                 "answers from it.")
             text = rec.get("prediction")
             predicted: list[str] = []
+            offered = _candidate_count(rec, ref, len(gold))
             if text is None or rec.get("error") is not None:
                 errors += 1
                 text = ""
-                rows.append((False, 0, False, 0, 0, len(gold)))
+                rows.append((False, 0, False, 0, 0, len(gold), offered))
             else:
                 if not isinstance(text, str):
                     text = str(text)
                 verdict, predicted = judge_items(text, gold, cello1_compat)
-                rows.append((*verdict, len(gold)))
+                rows.append((*verdict, len(gold), offered))
             term_ids = rec.get(IDS_FIELD)
             if term_ids is None and ref is not None:
                 term_ids = ref.get(IDS_FIELD)
@@ -185,9 +190,18 @@ def judge_run(name: str, files: Sequence[Path], cello1_compat: bool = False,
     if not rows:
         raise UserError(f"No predictions found for run '{name}' in {', '.join(map(str, files))}. "
                         "Give prediction JSONL files (field `prediction`) or folders of them.")
-    arr = np.array(rows, dtype=np.int64).reshape(len(rows), 6)
+    arr = np.array(rows, dtype=np.int64).reshape(len(rows), 7)
     return Judged(name, used, ids, arr[:, 5], arr[:, 1], arr[:, 2].astype(bool), arr[:, 0].astype(bool),
-                  arr[:, 3], arr[:, 4], np.concatenate(length_parts), errors, cells)
+                  arr[:, 3], arr[:, 4], np.concatenate(length_parts), errors, cells, arr[:, 6])
+
+
+def _candidate_count(line: dict[str, Any], ref: dict[str, Any] | None, n: int) -> int:
+    """Candidates the puzzle offered: the line's `n_candidates` (predict writes it), else the
+    reference record's list, else N (a closed puzzle, as every file before open sets was)."""
+    count = line.get("n_candidates")
+    if count is None and ref is not None:
+        count = len(record_candidates(ref)) or None
+    return max(int(count), n) if count is not None else n
 
 
 # Byte table: 1 for the ASCII characters `str.split()` treats as whitespace

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +46,9 @@ def plot_by_n(reports: Sequence[Report], path: Path) -> list[Path]:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     all_n = sorted({n for r in reports for n in r.by_n})
-    chance = {"cell_accuracy": [1 / n for n in all_n],
-              "exact_match": [1 / math.factorial(n) for n in all_n]}
+    first = {n: next(r.by_n[n] for r in reports if n in r.by_n) for n in all_n}
+    chance = {metric: [first[n][f"chance_{metric}"] for n in all_n]   # 1/N, 1/N! when closed
+              for metric in ("cell_accuracy", "exact_match")}
     for ax, metric, title in ((axes[0], "cell_accuracy", "Cell accuracy"),
                               (axes[1], "exact_match", "Exact match")):
         for r in reports:

@@ -62,12 +62,13 @@ def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool 
     rng = np.random.default_rng(seed)
     overall = summarise(j, None, rng, resamples)
     overall["errors"] = j.errors
-    overall.update(chance(j.n))
+    offered = j.n if j.n_candidates is None else j.n_candidates
+    overall.update(chance(j.n, offered))
     by_n = {}
     for value in np.unique(j.n):
         mask = j.n == value
         by_n[int(value)] = summarise(j, mask, np.random.default_rng([seed, int(value)]), resamples)
-        by_n[int(value)].update(chance(j.n[mask]))
+        by_n[int(value)].update(chance(j.n[mask], offered[mask]))
     missing = None
     if reference is not None:
         have = {p for p in j.puzzle_ids if p is not None}
