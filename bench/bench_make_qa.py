@@ -40,13 +40,8 @@ def write_table(path: Path, n_cells: int, n_types: int, n_genes: int, seed: int)
 
 
 def main() -> None:
-    from cellpuzzle_cli.make_qa import (
-        MakeQaSettings,
-        find_cell_files,
-        index_groups,
-        load_cells,
-        make_puzzles,
-    )
+    from cellpuzzle_cli.cell_tables import find_cell_files, load_cells
+    from cellpuzzle_cli.make_qa import MakeQaSettings, index_groups, make_puzzles
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=100_000)
