@@ -334,6 +334,20 @@ class Manifest:
         return next((e for e in self._newest() if any(o.path == target for o in e.outputs)),
                     None)
 
+    def last_seen(self, path: Path) -> tuple[Entry, Recorded] | None:
+        """For a path some run wrote: its newest record (as that run's output, or as a later
+        run's input) with the entry holding it, the content the ledger last vouched for. None
+        for a path no run wrote (the user's own data)."""
+        target = self.relative(path)
+        newest = None
+        for entry in self._newest():
+            if newest is None:
+                newest = next(((entry, a) for a in entry.inputs if a.path == target), None)
+            made = next((a for a in entry.outputs if a.path == target), None)
+            if made is not None:
+                return newest or (entry, made)
+        return None
+
     def sibling_output(self, path: Path, kind: Kind) -> Path | None:
         """The `kind` output of the run that also wrote `path` (e.g. train beside test)."""
         entry = self.producer_of(path)

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from cellpuzzle_cli.config import layer_settings, settings_dict
+from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress
 from cellpuzzle_cli.manifest import Artifact, Manifest, RunRecord, describe, jsonable
 from cellpuzzle_cli.steps import STEPS, In, StepSpec, from_ledger
@@ -115,6 +116,7 @@ def run(request: Request, ledger: Manifest, progress: ProgressFactory | None = N
     plan = spec.function("plan")
     if plan is not None:
         plan(job)
+    _check_unchanged(job)
     # a stamped step writes its spec's outputs under -o; the others say what they wrote
     outputs = [Artifact(o.path(job.output), o.name, o.kind) for o in spec.outputs] \
         if spec.stamped else []
@@ -154,6 +156,29 @@ def _resolve_inputs(spec: StepSpec, job: Job, request: Request) -> None:
             job.notes.append(resolved.note(role.label))
             value = resolved.path
         set_input(job, role, value)
+
+
+def _check_unchanged(job: Job) -> None:
+    """An input the ledger recorded must still hold what it recorded: a file edited or replaced
+    since would make outputs the manifest misdescribes. `--allow-changed` takes it as it is
+    (this run records its new hash, which later runs then accept)."""
+    for art in job.artifacts:
+        seen = job.ledger.last_seen(art.path)
+        if seen is None or seen[1].sha256 is None:
+            continue
+        entry, recorded = seen
+        now = job.ledger.input_hash(art)
+        if now == recorded.sha256:
+            continue
+        what = f"{art.path} changed since the manifest recorded it (`{entry.command}`, " \
+               f"{entry.finished[:19].replace('T', ' ')}: sha256 {recorded.sha256[:12]}…, now " \
+               f"{(now or 'missing')[:12]}…)"
+        if not job.flag("allow_changed", False):
+            raise UserError(f"{what}. Outputs made from it would not be what the manifest says "
+                            f"they came from. Re-run `{entry.command}` to make it again, or pass "
+                            "--allow-changed (cellpuzzle --allow-changed COMMAND …) to use it as "
+                            "it is; its new hash is then recorded.")
+        job.notes.append(f"{what}; used as it is (--allow-changed).")
 
 
 def set_input(job: Job, role: In, value: Any) -> None:

@@ -18,6 +18,20 @@ def _report(message: str) -> None:
                             border_style="red", expand=False))
 
 
+def _clean_exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler's or `kill`'s) unwinds like Ctrl-C, so half-written outputs are
+    removed on the way out instead of waiting for the next run to find them."""
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (an embedding program's): leave its handlers be
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A failure the user can fix (see `errors.explain`) exits 2 with one paragraph;
     a bug keeps its traceback. CELLPUZZLE_DEBUG=1 shows the traceback for both."""
@@ -26,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ARGV.set(tuple(sys.argv[1:] if argv is None else argv))
     FORMAT.set("human")
+    _clean_exit_on_sigterm()
     try:
         app(args=argv, prog_name="cellpuzzle")
     except KeyboardInterrupt:

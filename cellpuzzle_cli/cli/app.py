@@ -51,10 +51,14 @@ def _root(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", envvar="CELLPUZZLE_MANIFEST",
                                            help="Manifest (artifact ledger) to read and append.")]
     = DEFAULT_PATH,
+    allow_changed: Annotated[bool, typer.Option(
+        "--allow-changed", help="Use inputs the manifest recorded even where their content has "
+                                "changed since (their new hashes are recorded).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    ctx.obj = {"manifest": Manifest(manifest, kind_of=kind_of)}  # one per run: it remembers hashes
+    # one Manifest per run: it remembers what it hashed
+    ctx.obj = {"manifest": Manifest(manifest, kind_of=kind_of), "allow_changed": allow_changed}
 
 
 app.command("build-context")(build_context.build_context)

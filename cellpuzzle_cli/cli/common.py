@@ -133,6 +133,7 @@ def execute(ctx: typer.Context, request: Request, fmt: OutputFormat,
     from cellpuzzle_cli.runner import run
 
     FORMAT.set(fmt.value)
+    request.flags.setdefault("allow_changed", ctx.find_root().obj.get("allow_changed", False))
     outcome = run(request, manifest(ctx), progress_bar)
     if not outcome.main:
         return outcome

@@ -41,7 +41,8 @@ def score(
         "--cello1-compat", help="Reproduce Cell-o1's script: extra items still count as exact; "
                                 "case-sensitive uniqueness.")] = False,
     partial: Annotated[bool, typer.Option(
-        "--partial", help="With no input: score the finished shards even if some are missing.")] = False,
+        "--partial", help="Score an incomplete predict run (shards missing) on its finished "
+                          "shards; the report marks the run partial.")] = False,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).")] = ScoreSettings.bootstrap,
     label_ids: Annotated[Path | None, typer.Option(
         "--label-ids", help="TSV of `label<TAB>CL term ID` for hierarchical metrics on data "

@@ -47,6 +47,21 @@ def shard_filename(index: int, count: int) -> str:
     return f"shard-{index}-of-{count}.jsonl"
 
 
+_SHARD_FILE = re.compile(r"^shard-(\d+)-of-(\d+)\.jsonl$")
+
+
+def missing_shards(files: Sequence[Path]) -> list[str]:
+    """The shard files a set of `shard-i-of-n.jsonl` files lacks for a whole run (e.g.
+    `shard-1-of-2.jsonl` beside `shard-0-of-2.jsonl` alone); files of other names are no shards."""
+    seen: dict[int, set[int]] = {}
+    for f in files:
+        match = _SHARD_FILE.match(Path(f).name)
+        if match:
+            seen.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+    return [shard_filename(i, n) for n, have in sorted(seen.items()) for i in range(n)
+            if i not in have]
+
+
 def parse_shard(text: str | None) -> Shard:
     """`"i/n"` -> Shard(i, n); None -> the whole set as shard 0/1."""
     if text is None:

@@ -203,3 +203,6 @@ def run(command: list[str], cwd: Path | None = None, env: Mapping[str, str] | No
     except KeyboardInterrupt:
         _stop(proc)
         return 130
+    except SystemExit:  # SIGTERM (see cli.main): verl's session goes down with us
+        _stop(proc)
+        raise

@@ -33,6 +33,7 @@ class Report:
     bootstrap: dict[str, int] = field(default_factory=dict)
     per_type: PerType | None = None
     hierarchical: Hierarchical | None = None
+    missing_shards: list[str] = field(default_factory=list)  # a partial run (score --partial)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.overall)
@@ -51,6 +52,8 @@ class Report:
             out["per_type"] = self.per_type.to_json()
         if self.hierarchical is not None:
             out["hierarchical"] = self.hierarchical.to_json()
+        if self.missing_shards:
+            out["partial"] = {"missing_shards": self.missing_shards}
         return out
 
 
@@ -107,5 +110,6 @@ def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
                             f"has a puzzle id from the reference {reference}, so they answer "
                             "other puzzles. Pass the test split these predictions were made on.")
         reports.append(report(j, resamples, seed, cello1_compat, unit, ref, table))
+        reports[-1].missing_shards = list(run.missing_shards)
     return ScoreResult(reports, unit)
 

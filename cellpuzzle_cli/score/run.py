@@ -36,7 +36,7 @@ class ScoreOutcome:
 
 def _runs_from_manifest(ledger: Any, partial: bool) -> tuple[list[RunInput], list[str], list[str]]:
     """Every shard of the latest predict run; an incomplete set only with `partial`."""
-    from cellpuzzle_cli.predict.shards import latest_run_shards
+    from cellpuzzle_cli.predict.shards import latest_run_shards, shard_filename
 
     shards = latest_run_shards(ledger)
     warnings = []
@@ -51,7 +51,8 @@ def _runs_from_manifest(ledger: Any, partial: bool) -> tuple[list[RunInput], lis
         warnings.append(f"Scoring {len(shards.files)} of {shards.num_shards} shards; missing: "
                         f"{listed}.")
     notes = [f"Using predictions from the manifest: {shards.output_dir}"]
-    run = RunInput(Path(shards.output_dir).name or "predictions", shards.files, strict=True)
+    run = RunInput(Path(shards.output_dir).name or "predictions", shards.files, strict=True,
+                   missing_shards=[shard_filename(i, shards.num_shards) for i in shards.missing])
     return [run], notes, warnings
 
 
@@ -60,7 +61,9 @@ def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
     settings: ScoreSettings = job.settings
     given = list(job.inputs.get("predictions") or [])
     if given:
-        runs, notes, warnings = collect_files(given), [], []
+        runs, notes = collect_files(given, settings.partial), []
+        warnings = [f"Run '{r.name}' is partial: {', '.join(r.missing_shards)} missing; its "
+                    "scores cover the finished shards only." for r in runs if r.missing_shards]
         input_paths = given
     else:
         runs, notes, warnings = _runs_from_manifest(job.ledger, settings.partial)

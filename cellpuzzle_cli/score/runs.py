@@ -8,7 +8,7 @@ hold hundreds of thousands of predictions.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,16 @@ class RunInput:
     name: str
     files: list[Path]
     strict: bool = False
+    missing_shards: list[str] = field(default_factory=list)  # scored anyway with --partial
 
 
-def collect_files(inputs: Sequence[Path]) -> list[RunInput]:
-    """Group inputs into runs: each folder is one run; files given directly form one run together."""
+def collect_files(inputs: Sequence[Path], partial: bool = False) -> list[RunInput]:
+    """Group inputs into runs: each folder is one run; files given directly form one run together.
+
+    A folder of predict's shard files that lacks some of its run's shards is refused (half the
+    puzzles would be scored as if they were all), unless `partial`; the run then says so."""
+    from cellpuzzle_cli.predict.shards import missing_shards
+
     runs: list[RunInput] = []
     loose: list[Path] = []
     for raw in inputs:
@@ -44,7 +50,14 @@ def collect_files(inputs: Sequence[Path]) -> list[RunInput]:
             if not files:
                 raise UserError(f"The folder {p} holds no .jsonl or .json prediction files. Point "
                                 "`score` at the output folder of `cellpuzzle predict`.")
-            runs.append(RunInput(p.resolve().name or str(p), files))
+            missing = missing_shards(files)
+            if missing and not partial:
+                raise UserError(f"The folder {p} holds an incomplete predict run: "
+                                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                                "missing, so only some of its puzzles would be scored. Run the "
+                                "missing shard(s) (`cellpuzzle predict --shard i/n`), or pass "
+                                "--partial to score the finished ones (the report says so).")
+            runs.append(RunInput(p.resolve().name or str(p), files, missing_shards=missing))
         else:
             loose.append(p.resolve())
     if loose:
