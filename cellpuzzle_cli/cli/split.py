@@ -13,6 +13,7 @@ from cellpuzzle_cli.cli.common import (
     Overwrite,
     Seed,
     console,
+    err_console,
     input_or_latest,
     run_step,
     start,
@@ -95,3 +96,5 @@ def _print_summary(result) -> None:
                 else "")
         console.print(f"{what.capitalize()}: train {counts['train'][what]}, test "
                       f"{counts['test'][what]}, shared {counts['shared'][what]}{note}")
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
