@@ -178,6 +178,14 @@ def test_labels_differing_in_case_are_one_type_in_the_common_spelling(tmp_path):
                 "--rename 'Dendritic=DENDRITIC'")
 
 
+def test_case_variants_across_files_are_one_type(tmp_path):
+    write_h5ad(tmp_path / "in" / "a.h5ad", labels(TYPES))
+    write_h5ad(tmp_path / "in" / "b.h5ad", labels([t.upper() for t in TYPES]))
+    result, out = build(tmp_path, tmp_path / "in")
+    assert result.code == 0, result.output
+    assert _types_of(out, "a") == _types_of(out, "b") == sorted(TYPES)   # a tie: first file's
+
+
 def test_two_unicode_spellings_are_one_type(tmp_path):
     composed = "Naïve T cell"
     decomposed = unicodedata.normalize("NFD", composed)

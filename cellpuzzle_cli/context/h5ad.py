@@ -89,6 +89,8 @@ def read_element(elem: Any, path: Path | str) -> Any:
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore")        # anndata's OldFormatWarning on old layouts
             return read_elem(elem)
+    except MemoryError:
+        raise
     except Exception as exc:   # whatever anndata's decoders raise: it cannot read this element
         kind, ver = _encoding(elem)
         raise UserError(f"{path}: anndata {version('anndata')} cannot read {elem.name} (encoding "
@@ -271,11 +273,12 @@ def refuse_duplicates(values: np.ndarray, what: str, path: Path, fix: str) -> No
 
 
 def gene_names(var: Frame, gene_col: str | None, path: Path, where: str,
-                warnings: list[str]) -> tuple[np.ndarray, str]:
-    """Unique gene symbols; `_ENSG…` suffixes stripped where the bare symbol stays unique.
+               warnings: list[str], refuse_repeats: bool = True) -> tuple[np.ndarray, str]:
+    """Gene symbols; `_ENSG…` suffixes stripped where the bare symbol stays unique.
 
-    Repeated names are refused (a top-gene list could not tell the genes apart); a warning
-    says when only Ensembl IDs exist.
+    Repeated names are refused unless `refuse_repeats` is False (a top-gene list could not tell
+    the genes apart; a reader that makes names unique itself may pass False); a warning says
+    when only Ensembl IDs exist.
     """
     if gene_col is not None and gene_col not in var.columns:
         raise UserError(f"{path}: {where} has no column '{gene_col}'. Columns present: "
@@ -289,10 +292,11 @@ def gene_names(var: Frame, gene_col: str | None, path: Path, where: str,
         names = np.where(codes >= 0, cats[np.maximum(codes, 0)], "").astype(object)
         source = f"{where}.{col}"
     others = [c for c in var.columns if c != col]
-    refuse_duplicates(names, f"gene names in {source}", path,
-                      "Pass --gene-col with a column of unique names"
-                      + (f" (columns present: {', '.join(others)})" if others else "")
-                      + ", or make them unique first (anndata's `var_names_make_unique()`).")
+    if refuse_repeats:
+        refuse_duplicates(names, f"gene names in {source}", path,
+                          "Pass --gene-col with a column of unique names"
+                          + (f" (columns present: {', '.join(others)})" if others else "")
+                          + ", or make them unique first (anndata's `var_names_make_unique()`).")
     names = _strip_suffixes(names, source, warnings)
     ensembl = sum(1 for n in names if _ENSEMBL.match(n))
     if names.size and ensembl > names.size / 2:

@@ -15,8 +15,8 @@ can match. Applied to the cell type column of every input file, in this order:
    list bullet (`-`, `*`, `•`) or `Cell <i>:`, which the reader of puzzle text takes as syntax.
 4. **Case**: labels that differ only in case are one type, across all files of the run, since
    answers are compared ignoring case and `score` could never tell them apart. The spelling with
-   the most cells is kept (ties: the first in sorted order), with a warning naming both; a rename
-   picks another.
+   the most cells is kept (ties: the one met first, in input file order), with a warning naming
+   both; a rename picks another.
 """
 
 from __future__ import annotations
@@ -172,10 +172,11 @@ def merge_case_variants(columns: list[Coded]) -> tuple[list[Coded], list[list[st
     for codes, cats in columns:
         counts = np.bincount(codes[codes >= 0], minlength=cats.size)
         cells.update({str(c): int(n) for c, n in zip(cats, counts) if n})
+    first_seen = {label: i for i, label in enumerate(cells)}    # file order, then category order
     spellings: dict[str, list[str]] = {}
-    for label in sorted(cells):
+    for label in cells:
         spellings.setdefault(label.lower(), []).append(label)
-    canonical = {s: min(group, key=lambda x: (-cells[x], x))
+    canonical = {s: min(group, key=lambda x: (-cells[x], first_seen[x]))
                  for group in spellings.values() if len(group) > 1 for s in group}
     out, notes = [], []
     for coded in columns:

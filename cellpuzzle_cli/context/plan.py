@@ -64,7 +64,7 @@ class FileReport:
 
     @property
     def holds(self) -> str:
-        """What the ranked matrix holds, in words (e.g. "normalised (rows sum to 1e+06)")."""
+        """What the ranked matrix holds, in words (e.g. "normalised (rows sum to 1,000,000)")."""
         return MatrixValues(self.values, self.values_total).describe() if self.values else ""
 
 

@@ -72,7 +72,7 @@ def open_source(dataset: str, path: Path) -> CellSource:
     try:
         spec, var, values, _ = choose_matrix(opened, path)
         where = "raw.var" if spec.label == "raw.X" else "var"
-        genes, _ = gene_names(var, None, path, where, [])
+        genes, _ = gene_names(var, None, path, where, [], refuse_repeats=False)  # made unique
         ids = opened.obs.index()
     finally:
         opened.close()
