@@ -254,7 +254,7 @@ def test_tpm_matrix_is_recorded_and_celltypist_treats_it_as_proportional(tmp_pat
     path = write_h5ad(tmp_path / "tpm.h5ad", labels(TYPES * 2), tpm)
     result, _ = build(tmp_path, path, "--top-genes", "5")
     assert result.code == 0, result.output
-    assert_says(result, "X: normalised", "(rows sum to")
+    assert_says(result, "normalised", "1,000,000")
     summary = file_summary(tmp_path)
     assert (summary["values"], summary["values_total"]) == ("normalised", 1e6)
     manifest = tmp_path / "cellpuzzle.json"

@@ -120,7 +120,7 @@ def _print_summary(result) -> None:
     table.add_column("kept/read", justify="right", no_wrap=True)
     table.add_column("dropped", justify="right", no_wrap=True)
     table.add_column("donors/types", justify="right", no_wrap=True)
-    table.add_column("matrix: holds", overflow="fold")
+    table.add_column("matrix: holds", min_width=14)
     table.add_column("cells/s", justify="right")
     for f in result.files:
         table.add_row(f.output, f"{f.cells_kept:,}/{f.cells_read:,}",
