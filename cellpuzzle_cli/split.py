@@ -20,7 +20,9 @@ The unit that must not straddle the split is chosen with ``group_by``:
   puzzle sharing no cell with test goes to train; the rest would leak a cell and are dropped.
 
 Donors, datasets and cells shared between the written splits are counted from the outputs
-themselves; a split whose unit leaks is a bug and raises. Records keep the published
+themselves; a split whose unit leaks is a bug and raises. A split that is leak-free but misleads
+(test asks for an N or a cell type training never shows, or test outweighs train) is written
+with warnings, kept in the result's summary and so in the manifest. Records keep the published
 CellPuzzles field names (``system_msg``, ``user_msg``, ``assistant_msg``) with the plain answer
 ``"t1 | t2 | …"`` as ``assistant_msg``; training steps add their own ``<think>/<answer>`` layout.
 """
@@ -28,6 +30,7 @@ CellPuzzles field names (``system_msg``, ``user_msg``, ``assistant_msg``) with t
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +103,7 @@ class SplitResult:
     per_n: dict[int, dict[str, int]]  # n -> {"train", "test", "dropped_leak", "dropped_cap"}
     counts: dict[str, dict[str, int]]  # "train"/"test"/"shared" -> datasets, donors, cells
     method: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def total(self, column: str) -> int:
         return sum(row[column] for row in self.per_n.values())
@@ -108,7 +112,8 @@ class SplitResult:
         """What the manifest keeps about the run beside its settings."""
         return {"puzzles": {c: self.total(c) for c in ("train", "test", "dropped_leak",
                                                       "dropped_cap")},
-                "method": self.method, "distinct": self.counts, "per_n": self.per_n}
+                "method": self.method, "distinct": self.counts, "per_n": self.per_n,
+                "warnings": self.warnings}
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -296,6 +301,35 @@ def overlap_counts(train: Iterable[dict[str, Any]],
             "shared": {k: len(a[k] & b[k]) for k in a}}
 
 
+def split_warnings(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> list[str]:
+    """What makes a leak-free split mislead: test N or cell types training never shows, or a
+    test set larger than the training set."""
+    from cellpuzzle_cli.answer import answer_items
+
+    def types(records: list[dict[str, Any]]) -> Counter[str]:
+        return Counter(t for r in records for t in answer_items(r["assistant_msg"]))
+
+    notes = []
+    unseen_n = sorted({r["n"] for r in test} - {r["n"] for r in train})
+    if unseen_n:
+        held = sum(1 for r in test if r["n"] in unseen_n)
+        notes.append(f"{held} test puzzle(s) have N = {', '.join(map(str, unseen_n))}, a size no "
+                     "training puzzle has; scores at that N measure generalisation to a new "
+                     "size. Make puzzles of every N for every donor, or try another --seed.")
+    trained, test_types = {t.lower() for t in types(train)}, types(test)   # scored ignoring case
+    unseen = sorted(t for t in test_types if t.lower() not in trained)
+    if unseen:
+        shown = ", ".join(f"'{t}' ({test_types[t]} cells)" for t in unseen[:5])
+        notes.append(f"{len(unseen)} cell type(s) appear in test but never in training: {shown}"
+                     f"{' …' if len(unseen) > 5 else ''}; a trained model cannot have learnt them. "
+                     "Try another --seed or --group-by, or leave those types out.")
+    if len(test) > len(train):
+        notes.append(f"The test set ({len(test)} puzzles) is larger than the training set "
+                     f"({len(train)}). Lower --test-fraction or --max-test (or make-qa "
+                     "--test-cells), unless this is meant.")
+    return notes
+
+
 def split_record(puzzle: dict[str, Any], system_msg: str | None = None) -> dict[str, Any]:
     """A split record; without a user's `system_msg`, the shipped one for the puzzle's shape
     (closed, or open set with more candidates than cells)."""
@@ -345,7 +379,7 @@ def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitSettings = Spl
         result = SplitResult(out_dir=out_dir, train_path=out_dir / TRAIN_FILE,
                              test_path=out_dir / TEST_FILE, group_by=config.group_by,
                              per_n=dict(sorted(per_n.items())), counts=counts,
-                             method=plan.method)
+                             method=plan.method, warnings=split_warnings(train, test))
         write_jsonl(tmp / TRAIN_FILE, train)
         write_jsonl(tmp / TEST_FILE, test)
         if progress:

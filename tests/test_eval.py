@@ -256,14 +256,17 @@ def test_celltypist_reference_predicts_and_scores(id_pipeline, tmp_path):
             ] == first
 
 
-def test_celltypist_normalises_counts_and_log_data_alike():
+def test_celltypist_normalises_counts_tpm_and_log_data_alike():
     import scipy.sparse as sp
 
+    from cellpuzzle_cli.build_context.values import MatrixValues
     from cellpuzzle_cli.predict.celltypist_backend import normalise
 
     counts = sp.csr_matrix(np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 5.0]]))
     expected = np.log1p(counts.toarray() / counts.toarray().sum(1, keepdims=True) * 1e4)
-    assert np.allclose(normalise(counts).toarray(), expected)
+    assert np.allclose(normalise(counts, MatrixValues("counts")).toarray(), expected)
     logged = counts.copy()
     logged.data = np.log1p(logged.data / 7.0)       # log-normalised to another total
-    assert np.allclose(normalise(logged).toarray(), expected)
+    assert np.allclose(normalise(logged, MatrixValues("log-normalised")).toarray(), expected)
+    tpm = sp.csr_matrix(counts.toarray() / counts.toarray().sum(1, keepdims=True) * 1e6)
+    assert np.allclose(normalise(tpm, MatrixValues("normalised", 1e6)).toarray(), expected)

@@ -13,12 +13,18 @@ Why it is built this way (the original scripts managed ~7 cells/s with the whole
   memory does not grow with the number of cells.
 * The context paragraph depends on donor/sample metadata only, so it is rendered once per
   distinct metadata combination, not per cell; wording comes from `configs/context_fields.yaml`.
+* Nothing is read silently wrong: metadata goes through anndata's own element reader (every
+  encoding, old and new); cell-type labels pass one policy (`label_policy`); what the matrix
+  holds is probed and recorded (`values`); non-finite values, repeated cell ids and gene names
+  are refused, and cells with no expressed gene are left out and counted. The checks on values
+  ride on the chunked pass, so X is still read once.
 
 The package keeps one concept per module: `settings` (the run's options), `fields` (context
-fields and paragraphs), `h5ad` (metadata and matrix choice), `plan` (what to read per file),
-`rows` (reading rows in workers), `topk` (the kernel), `table` (Parquet writing), and `build`
-runs them. The names callers use are re-exported here, lazily: the CLI imports the settings
-at start-up without paying for numpy and h5py.
+fields and paragraphs), `h5ad` (metadata and matrix choice), `values` (what a matrix holds),
+`labels` (labels from ontology IDs), `label_policy` (which labels an answer can name), `plan`
+(what to read per file), `rows` (reading rows in workers), `topk` (the kernel), `table` (Parquet
+writing), and `build` runs them. The names callers use are re-exported here, lazily: the CLI
+imports the settings at start-up without paying for numpy and h5py.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ _EXPORTS = {
     "build": ("BuildResult", "build_context", "default_workers", "h5ad_inputs"),
     "fields": ("CORE_COLUMNS", "ContextFields", "DatasetRule", "Field", "load_context_fields"),
     "h5ad": ("MatrixSpec",),
+    "values": ("MatrixValues", "probe_values"),
     "plan": ("FilePlan", "FileReport", "plan_file"),
     "rows": ("close_cached_files",),
     "topk": ("topk_csr", "topk_dense"),
@@ -47,12 +54,14 @@ __all__ = [
     "FilePlan",
     "FileReport",
     "MatrixSpec",
+    "MatrixValues",
     "build_context",
     "close_cached_files",
     "default_workers",
     "h5ad_inputs",
     "load_context_fields",
     "plan_file",
+    "probe_values",
     "topk_csr",
     "topk_dense",
 ]

@@ -23,9 +23,12 @@ from cellpuzzle_cli.build_context.h5ad import (
     choose_matrix,
     gene_names,
     open_h5ad,
+    refuse_duplicates,
 )
+from cellpuzzle_cli.build_context.label_policy import apply_label_policy
 from cellpuzzle_cli.build_context.labels import cell_type_terms, labels_from_terms, resolved_note
 from cellpuzzle_cli.build_context.settings import ContextSettings
+from cellpuzzle_cli.build_context.values import MatrixValues
 from cellpuzzle_cli.errors import UserError
 
 DEFAULT_DONOR_COL = "donor_id"
@@ -43,11 +46,14 @@ class FileReport:
     cells_read: int = 0
     cells_kept: int = 0
     dropped_suspension: int = 0
-    dropped_nan_type: int = 0
+    dropped_nan_type: int = 0         # no cell type: missing, or renamed to nothing
     dropped_subsample: int = 0
+    dropped_no_expression: int = 0    # no expressed gene in the ranked matrix (all-zero rows)
     donors: int = 0
     cell_types: int = 0
     matrix: str = ""
+    values: str = ""                  # what the ranked matrix holds: values.VALUE_KINDS
+    values_total: float | None = None  # the one total its rows sum to, where they do
     genes_from: str = ""
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -55,6 +61,11 @@ class FileReport:
     @property
     def cells_per_s(self) -> float:
         return self.cells_kept / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def holds(self) -> str:
+        """What the ranked matrix holds, in words (e.g. "normalised (rows sum to 1,000,000)")."""
+        return MatrixValues(self.values, self.values_total).describe() if self.values else ""
 
 
 @dataclass
@@ -90,8 +101,13 @@ def _required_column(frame: Frame, col: str, path: Path, flag: str) -> Coded:
 
 
 def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFields,
-              out_dir: Path) -> FilePlan:
-    """Read a file's metadata, choose its matrix and the cells to keep."""
+              out_dir: Path, renames: dict[str, str] | None = None,
+              used_renames: set[str] | None = None) -> FilePlan:
+    """Read a file's metadata, choose its matrix and the cells to keep.
+
+    Cell types pass the label policy (`label_policy`) with `renames` applied; the rename keys
+    that matched are added to `used_renames`.
+    """
     rel = path.relative_to(root)
     dataset = rel.with_suffix("").as_posix()
     out_rel = rel.with_suffix(".parquet")
@@ -104,13 +120,19 @@ def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFi
         cell_type, field_codes, resolved = _labelled(obs, config, file_fields, path)
         if resolved:
             warnings.append(resolved_note(resolved))
+        column = config.cell_type_col + (" (labels of its ontology IDs)"
+                                         if config.cell_type_col in resolved else "")
+        cell_type, notes = apply_label_policy(cell_type, renames or {}, column, path,
+                                              used_renames if used_renames is not None else set())
+        warnings.extend(notes)
         term_ids = cell_type_terms(obs, config.cell_type_id_col, path)
         if config.cell_type_col in fields.columns():
             raise UserError(f"The context fields ({fields.source}) include the cell-type column "
                             f"'{config.cell_type_col}', which would put the answer in the "
                             "question. Remove it from the context fields.")
-        matrix, var, notes = choose_matrix(opened, path)
+        matrix, var, values, notes = choose_matrix(opened, path)
         warnings.extend(notes)
+        report.values, report.values_total = values.kind, values.row_sum
         where = "raw.var" if matrix.label == "raw.X" else "var"
         genes, report.genes_from = gene_names(var, config.gene_col, path, where, warnings)
         if matrix.shape != (obs.n, genes.size):
@@ -119,6 +141,10 @@ def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFi
                             "again with anndata.")
         report.matrix = matrix.label
         report.cells_read = obs.n
+        cell_ids = obs.index()
+        refuse_duplicates(cell_ids, "cell ids (obs names)", path,
+                          "Cell ids must name one cell each; make them unique first (anndata's "
+                          "`obs_names_make_unique()`) or keep one copy of each cell.")
 
         kept = _keep_rows(obs, cell_type[0], config, dataset, report)
         report.cells_kept = int(kept.size)
@@ -132,8 +158,6 @@ def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFi
         def sub(c: Coded) -> Coded:
             return c[0][kept], c[1]
 
-        report.donors = int(np.unique(donor[0][kept]).size)
-        report.cell_types = int(np.unique(cell_type[0][kept]).size)
         in_memory = None
         if matrix.kind == "csc":
             from anndata.io import read_elem
@@ -141,13 +165,24 @@ def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFi
             warnings.append(f"{matrix.label} is stored column-wise (CSC), so it was loaded whole "
                             "into memory; save the file with a CSR matrix for large data.")
             in_memory = read_elem(opened.h5[matrix.key]).tocsr()
-        return FilePlan(report, out_dir / out_rel, matrix, genes, kept, obs.index()[kept],
+        plan = FilePlan(report, out_dir / out_rel, matrix, genes, kept, cell_ids[kept],
                         sub(donor), sub(batch) if batch else None, sub(cell_type),
                         {k: sub(v) for k, v in field_codes.items()}, sub(context),
                         config.chunk_cells or _chunk_cells(opened.h5, matrix), in_memory,
                         sub(term_ids) if term_ids is not None else None)
+        count_groups(plan)
+        return plan
     finally:
         opened.close()
+
+
+def count_groups(plan: FilePlan, keep: np.ndarray | None = None) -> None:
+    """The report's donors and cell types among the cells kept (`keep`: a mask over them)."""
+    donors, types = plan.donor[0], plan.cell_type[0]
+    if keep is not None:
+        donors, types = donors[keep], types[keep]
+    plan.report.donors = int(np.unique(donors).size)
+    plan.report.cell_types = int(np.unique(types).size)
 
 
 def _labelled(obs: Frame, config: ContextSettings, file_fields: list[Field],
@@ -197,7 +232,7 @@ def _keep_rows(obs: Frame, cell_type_codes: np.ndarray, config: ContextSettings,
             f"{report.input}: no cells left after filtering ({obs.n} read, "
             f"{report.dropped_suspension} with {SUSPENSION_COL} other than 'cell', "
             f"{report.dropped_nan_type} without a cell type in '{config.cell_type_col}'). "
-            "Check --cell-type-col, or leave this file out.")
+            "Check --cell-type-col and --rename, or leave this file out.")
     return kept
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -138,22 +139,44 @@ def _read_dense_rows(spec: MatrixSpec, rows: np.ndarray) -> np.ndarray:
     return block
 
 
+@dataclass(frozen=True)
+class ChunkStats:
+    """What a chunk's values held besides its ranking, counted on the values already read."""
+
+    negatives: int = 0
+    nonfinite: int = 0           # NaN or ±inf
+    first_nonfinite: int = -1    # the chunk row holding the first of them
+
+
+def _stats(values: np.ndarray, row_of: Callable[[int], int]) -> ChunkStats:
+    """Negatives and non-finite values; `row_of` maps a flat position to its row."""
+    negatives = int(np.count_nonzero(values < 0))
+    if values.dtype.kind != "f" or np.isfinite(values.sum()):   # NaN and inf reach the sum
+        return ChunkStats(negatives)
+    bad = ~np.isfinite(values)
+    if not bad.any():                                            # the sum overflowed, no more
+        return ChunkStats(negatives)
+    return ChunkStats(negatives, int(np.count_nonzero(bad)), row_of(int(np.argmax(bad))))
+
+
 def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int,
-              in_memory: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Top-k gene indices for `rows` of a matrix: (lengths per row, genes, negatives seen)."""
+              in_memory: Any = None) -> tuple[np.ndarray, np.ndarray, ChunkStats]:
+    """Top-k gene indices for `rows` of a matrix: (lengths per row, genes, what was seen)."""
     try:
         if in_memory is not None:
             sub = in_memory[rows]
             indptr, indices, values = sub.indptr.astype(np.int64), sub.indices, sub.data
         elif spec.kind == "dense":
             block = _read_dense_rows(spec, rows)
-            return (*topk_dense(block, k), int((block < 0).sum()))
+            stats = _stats(block.reshape(-1), lambda i: i // max(1, block.shape[1]))
+            return (*topk_dense(block, k), stats)
         else:
             indptr, indices, values = _read_csr_rows(spec, rows)
     except (OSError, zlib.error) as exc:
         raise UserError(f"{spec.path}: reading {spec.label} failed ({exc}). The file is probably "
                         "truncated or damaged; download or write it again.") from exc
-    return (*topk_csr(indptr, indices, values, k), int((values < 0).sum()))
+    stats = _stats(values, lambda i: int(np.searchsorted(indptr, i, side="right")) - 1)
+    return (*topk_csr(indptr, indices, values, k), stats)
 
 
 def read_rows_csr(spec: MatrixSpec, rows: np.ndarray) -> Any:

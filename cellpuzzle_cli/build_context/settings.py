@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellpuzzle_cli.config import Count, Seed
+from cellpuzzle_cli.errors import UserError
 
 # Knobs that change how fast, never what: left out of the saved build-context.yaml.
 MACHINE = {"machine": True}
@@ -24,5 +25,13 @@ class ContextSettings:
     max_cells: Count | None = None    # per input file, seeded
     seed: Seed = 0
     context_config: Path | None = None
+    rename: list[str] = field(default_factory=list)   # cell types, "OLD=NEW" (NEW empty: drop)
+    label_map: Path | None = None     # TSV of cell-type renames, one "OLD<TAB>NEW" per line
     workers: Count | None = field(default=None, metadata=MACHINE)  # None: one per core, up to 8
     chunk_cells: Count | None = field(default=None, metadata=MACHINE)  # None: sized by non-zeros
+
+    def validate(self) -> None:
+        bad = [r for r in self.rename if "=" not in r]
+        if bad:
+            raise UserError(f"--rename '{bad[0]}' has no '='. Write --rename 'OLD=NEW' (an empty "
+                            "NEW drops those cells; use --label-map for labels holding '=').")

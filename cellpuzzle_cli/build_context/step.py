@@ -17,6 +17,8 @@ def plan(job: Job) -> None:
     from cellpuzzle_cli.build_context.build import h5ad_inputs
 
     job.artifacts = [Artifact(path, "h5ad") for path in h5ad_inputs(job.inputs["h5ad"])]
+    if job.settings.label_map is not None:
+        job.artifacts.append(Artifact(job.settings.label_map, "label-map"))
 
 
 def step(job: Job, progress: Progress) -> BuildResult:

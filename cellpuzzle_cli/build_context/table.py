@@ -33,22 +33,32 @@ class TableWriter:
         self.writer = None
 
     def write(self, a: int, b: int, lengths: np.ndarray, genes: np.ndarray) -> None:
+        """Rows a..b of the plan; cells with no expressed gene (length 0) are left out."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         p = self.plan
+        rows = None if lengths.all() else np.flatnonzero(lengths)
+        if rows is not None:
+            if rows.size == 0:
+                return
+            lengths = lengths[rows]
+        n = lengths.size
+
+        def pick(values: np.ndarray) -> np.ndarray:
+            return values[a:b] if rows is None else values[a:b][rows]
 
         def take(coded: Coded | None) -> pa.Array:
             if coded is None:
-                return pa.nulls(b - a, pa.string())
-            codes = coded[0][a:b]
+                return pa.nulls(n, pa.string())
+            codes = pick(coded[0])
             return pa.array(coded[1], type=pa.string()).take(pa.array(codes, mask=codes < 0))
 
-        offsets = np.zeros(b - a + 1, dtype=np.int32)
+        offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
         top = pa.ListArray.from_arrays(pa.array(offsets), self.genes.take(pa.array(genes)))
-        columns = [pa.array(p.cell_ids[a:b], type=pa.string()),
-                   self.dataset.take(pa.array(np.zeros(b - a, dtype=np.int32))),
+        columns = [pa.array(pick(p.cell_ids), type=pa.string()),
+                   self.dataset.take(pa.array(np.zeros(n, dtype=np.int32))),
                    take(p.donor), take(p.batch), take(p.cell_type), top, take(p.context)]
         columns += [take(p.fields.get(c)) for c in self.field_columns]
         if self.with_ids:
@@ -57,7 +67,7 @@ class TableWriter:
         if self.writer is None:
             self.plan.out_path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.plan.out_path, self.schema, compression="zstd")
-        self.writer.write_table(table, row_group_size=b - a)
+        self.writer.write_table(table, row_group_size=n)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -50,6 +50,13 @@ def build_context(
     gene_col: Annotated[str | None, typer.Option(
         "--gene-col", help="var column with gene symbols. Default: feature_name when present, "
                            "else the var names.", show_default=False)] = None,
+    rename: Annotated[list[str] | None, typer.Option(
+        "--rename", help="Rename a cell type: OLD=NEW (repeatable; an empty NEW drops those "
+                         "cells). See 'Cell type labels' in the README.",
+        show_default=False)] = None,
+    label_map: Annotated[Path | None, typer.Option(
+        "--label-map", help="TSV of cell type renames, one OLD<TAB>NEW line each.",
+        show_default=False)] = None,
     max_cells: Annotated[int | None, typer.Option(
         "--max-cells", help="Keep at most this many cells per file, chosen with --seed.",
         show_default=False)] = None,
@@ -73,8 +80,10 @@ def build_context(
     (reloadable with --config).
 
     Keeps only suspension_type == "cell" where that column exists and drops
-    cells without a cell type. When X is scaled (negative values), genes are
-    ranked on .raw.X or layers['counts'] instead.
+    cells without a cell type or without an expressed gene. When X is scaled
+    (negative values), genes are ranked on .raw.X or layers['counts'] instead.
+    Cell type labels are tidied (white space, Unicode, case) and refused when
+    no answer could name them; --rename or --label-map fixes them.
 
     Example: [bold]cellpuzzle build-context data/ -o cells/ --max-cells 20000[/bold]
 
@@ -89,7 +98,7 @@ def build_context(
     options = given(ctx, top_genes=top_genes, cell_type_col=cell_type_col,
                     cell_type_id_col=cell_type_id_col, donor_col=donor_col, batch_col=batch_col,
                     gene_col=gene_col, max_cells=max_cells, seed=seed, workers=workers,
-                    context_config=context_config)
+                    context_config=context_config, rename=rename, label_map=label_map)
     execute(ctx, Request("build-context", {"h5ad": files}, output, options, overrides, config,
                          overwrite), fmt, lambda outcome: _print_summary(outcome.result))
 
@@ -102,16 +111,18 @@ def _print_summary(result) -> None:
                   title=f"build-context: {result.cells:,} cells from {len(result.files)} file(s) "
                         f"→ {result.out_dir} ({result.seconds:.1f} s, "
                         f"{result.workers} worker(s))",
-                  caption="dropped = nucleus (suspension_type not 'cell') / NaN cell type / "
-                          "over --max-cells")
+                  caption="dropped = nucleus (suspension_type not 'cell') / no cell type / "
+                          "over --max-cells / no expressed gene")
     table.add_column("file", overflow="fold")
     table.add_column("kept/read", justify="right", no_wrap=True)
     table.add_column("dropped", justify="right", no_wrap=True)
     table.add_column("donors/types", justify="right", no_wrap=True)
-    table.add_column("matrix", overflow="fold")
+    table.add_column("matrix: holds", min_width=14)
     table.add_column("cells/s", justify="right")
     for f in result.files:
         table.add_row(f.output, f"{f.cells_kept:,}/{f.cells_read:,}",
-                      f"{f.dropped_suspension:,}/{f.dropped_nan_type:,}/{f.dropped_subsample:,}",
-                      f"{f.donors}/{f.cell_types}", f.matrix, f"{f.cells_per_s:,.0f}")
+                      f"{f.dropped_suspension:,}/{f.dropped_nan_type:,}/{f.dropped_subsample:,}/"
+                      f"{f.dropped_no_expression:,}",
+                      f"{f.donors}/{f.cell_types}", f"{f.matrix}: {f.holds}",
+                      f"{f.cells_per_s:,.0f}")
     console.print(table)

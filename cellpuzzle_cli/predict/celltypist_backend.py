@@ -8,7 +8,9 @@ from the expression in the `.h5ad` files build-context read (recorded in the man
 Steps: the cells named by the puzzles' `cell_ids` are read from their files (only those rows,
 with build-context's row reader and its choice of matrix: X, or .raw.X / a counts layer when X
 is scaled); expression is brought to what CellTypist expects, log1p of counts normalised to
-10,000 per cell (a log-normalised matrix is first undone with expm1); `celltypist.train` fits
+10,000 per cell, from what build-context's probe says the matrix holds (counts and TPM/CPM-like
+values are proportional already; a log-normalised matrix is first undone with expm1);
+`celltypist.train` fits
 its logistic regression; `celltypist.annotate` gives per-cell decision scores for the test
 cells; and each puzzle's cells get distinct candidates by the Hungarian algorithm on the
 log-probabilities, as the baseline assigns its likelihoods (an open-set puzzle's extra
@@ -42,6 +44,7 @@ class CellSource:
     spec: Any            # context.h5ad.MatrixSpec
     genes: np.ndarray
     rows: dict[str, int]
+    values: Any = None   # context.values.MatrixValues: what the matrix holds
 
 
 def match_sources(h5ads: Iterable[Path], datasets: Iterable[str]) -> dict[str, Path]:
@@ -68,13 +71,13 @@ def open_source(dataset: str, path: Path) -> CellSource:
 
     opened = open_h5ad(path)
     try:
-        spec, var, _ = choose_matrix(opened, path)
+        spec, var, values, _ = choose_matrix(opened, path)
         where = "raw.var" if spec.label == "raw.X" else "var"
-        genes, _ = gene_names(var, None, path, where, [])
+        genes, _ = gene_names(var, None, path, where, [], refuse_repeats=False)  # made unique
         ids = opened.obs.index()
     finally:
         opened.close()
-    return CellSource(dataset, spec, genes, {str(c): i for i, c in enumerate(ids)})
+    return CellSource(dataset, spec, genes, {str(c): i for i, c in enumerate(ids)}, values)
 
 
 def read_expression(source: CellSource, cell_ids: Sequence[str]) -> Any:
@@ -89,20 +92,25 @@ def read_expression(source: CellSource, cell_ids: Sequence[str]) -> Any:
     wanted = np.asarray([source.rows[c] for c in cell_ids], dtype=np.int64)
     unique, back = np.unique(wanted, return_inverse=True)
     block = read_rows_csr(source.spec, unique)
-    return normalise(block)[back]
+    return normalise(block, source.values)[back]
 
 
-def normalise(block: Any) -> Any:
-    """log1p(counts / total × 10,000) per cell; log-normalised input is undone with expm1 first.
+def normalise(block: Any, values: Any) -> Any:
+    """log1p(counts / total × 10,000) per cell, from what the matrix holds (`values`, a
+    `context.values.MatrixValues`, as `probe_values` tells it for the whole file).
 
-    Integer values are read as counts. Anything else is taken to be log1p-normalised already
-    (the usual content of .raw.X), so expm1 recovers proportional counts before renormalising.
+    Counts and normalised (TPM/CPM-like) values are proportional to counts already; log-normalised
+    values are undone with expm1 first. Scaled values cannot be brought back, so are refused.
     """
     import scipy.sparse as sp
 
+    if values.kind == "scaled":
+        raise UserError("CellTypist needs unscaled expression, and the matrix holds scaled "
+                        "values (negative numbers). Keep counts or log-normalised values in X, "
+                        ".raw.X or layers['counts'] of the .h5ad files.")
     block = sp.csr_matrix(block, dtype=np.float64)
     block.data = np.maximum(np.nan_to_num(block.data), 0.0)
-    if block.data.size and not np.all(np.mod(block.data, 1) == 0):
+    if values.kind == "log-normalised":
         block.data = np.expm1(block.data)
     totals = np.asarray(block.sum(axis=1)).reshape(-1)
     scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
