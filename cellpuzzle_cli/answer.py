@@ -241,3 +241,16 @@ def format_answer(cell_types: Sequence[str]) -> str:
 def format_prediction(think: str, items: Sequence[str]) -> str:
     """A legitimate answer text: `<think>\\n…\\n</think>\\n<answer>t1 | … | tN</answer>`."""
     return f"{THINK_OPEN}\n{think.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}{format_answer(items)}{ANSWER_CLOSE}"
+
+
+def unreadable_warning(what: str, total: int, bad: int, example: str | None) -> str | None:
+    """When most of `total` answers are not in the answer format, say so with one of them:
+    every metric of such a run is 0 because nothing could be read, not because the model
+    knows nothing (e.g. a model that answers only newlines)."""
+    if total == 0 or bad * 2 <= total:
+        return None
+    shown = repr((example or "")[:120]) + ("…" if example and len(example) > 120 else "")
+    return (f"{what}: {bad:,} of {total:,} answers are not in the answer format "
+            f"`<think>…</think>\\n<answer>t1 | t2 | …</answer>`, so nothing could be read from "
+            f"them; e.g. {shown}. Their scores are 0 because the model does not answer in the "
+            "format (train it longer, or check its chat template), not a measure of what it knows.")

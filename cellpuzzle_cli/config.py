@@ -183,6 +183,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         except ValueError:
             pass
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # `inf` is "above 0" and would train a model of NaNs
+            raise UserError(f"'{key}' must be a finite number, got {value!r}.")
         return float(value)
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value

@@ -113,3 +113,25 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def finite_guard(what: str) -> Any:
+    """A TrainerCallback that stops training at the first logged loss or gradient norm that is
+    not finite: such a run can only publish weights of NaNs. The UserError leaves through
+    `trainer.train()`, so nothing is published and the command exits 2."""
+    from transformers import TrainerCallback
+
+    from cellpuzzle_cli.errors import UserError
+
+    class _Guard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm", "train_loss"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise UserError(
+                        f"{what}: the training {key.replace('_', ' ')} became {value} at step "
+                        f"{state.global_step}, so the weights are no longer numbers and nothing "
+                        "was written. Lower learning_rate (or max_grad_norm), check the data, "
+                        "and run again.")
+
+    return _Guard()

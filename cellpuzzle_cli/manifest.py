@@ -285,12 +285,21 @@ class Manifest:
     def check(self) -> None:
         """Fail now, before any work, if the ledger cannot be read or appended to."""
         self.entries()
-        folder = self.path.resolve().parent
-        target = self.path if self.path.exists() else folder
-        if not os.access(target, os.W_OK) or not os.access(folder, os.W_OK):
-            raise UserError(f"The manifest {self.path} cannot be written (no permission for "
-                            f"{target}), so this run could not be recorded. Make it writable, or "
-                            "point --manifest at a file in a folder you may write to.")
+        import tempfile
+
+        lock = Path(str(self.path) + ".lock")
+        try:   # what record() will do: a file beside the manifest, the lock, the manifest
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path.parent):
+                pass
+            for existing in (p for p in (lock, self.path) if p.exists()):
+                with open(existing, "r+b"):
+                    pass
+        except OSError as exc:
+            raise UserError(f"The manifest {self.path} cannot be written ({exc.strerror}: "
+                            f"{exc.filename}), so this run could not be recorded; nothing was "
+                            "done. Make it writable, or point --manifest at a file in a folder "
+                            "you may write to.") from exc
 
     def find(self, matches: Callable[[Entry], bool]) -> Entry | None:
         """The newest entry for which `matches` holds."""

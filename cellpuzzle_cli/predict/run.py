@@ -36,6 +36,10 @@ class PredictRun:
     notes: list[str] = field(default_factory=list)
     records: list[RunRecord] = field(default_factory=list)
 
+    @property
+    def warnings(self) -> list[str]:
+        return [w for r in self.results for w in r.warnings]
+
     def summary(self) -> dict[str, Any]:
         return {"shards": [{"shard": f"{r.shard_index}/{r.num_shards}", "file": r.shard_file,
                             "puzzles": r.total, "resumed": r.resumed, "new": r.generated,

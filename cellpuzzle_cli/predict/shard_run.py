@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from cellpuzzle_cli.answer import parse_answer, unreadable_warning
 from cellpuzzle_cli.config import check_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, write_json
@@ -61,6 +62,7 @@ class PredictResult:
     seconds: float      # generation time of this run
     prompt_tokens: int
     completion_tokens: int
+    warnings: list[str] = field(default_factory=list)  # e.g. most answers not in the format
 
     @property
     def prompts_per_s(self) -> float:
@@ -253,6 +255,10 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
                 progress(advance=len(batch))
     all_rows = list(done.values()) + new_rows
     rewrite_in_order(shard_file, all_rows)
+    answered = [r["prediction"] for r in all_rows if r.get("prediction") is not None]
+    unreadable = [t for t in answered if not parse_answer(t).legitimate]
+    warning = unreadable_warning(f"Shard {shard}", len(answered), len(unreadable),
+                                 unreadable[0] if unreadable else None)
     return PredictResult(
         shard_file=shard_file, output_dir=out_dir, shard_index=shard.index,
         num_shards=shard.count, backend=backend, model=model, total=len(records),
@@ -260,4 +266,5 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
         errors=sum(1 for r in all_rows if r.get("prediction") is None),
         seconds=seconds,
         prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in new_rows),
-        completion_tokens=sum(r.get("completion_tokens") or 0 for r in new_rows))
+        completion_tokens=sum(r.get("completion_tokens") or 0 for r in new_rows),
+        warnings=[warning] if warning else [])

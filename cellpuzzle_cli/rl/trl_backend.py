@@ -190,7 +190,7 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
     from trl import GRPOConfig, GRPOTrainer
 
     from cellpuzzle_cli.config import save_settings
-    from cellpuzzle_cli.curves import write_curves
+    from cellpuzzle_cli.curves import finite_guard, write_curves
     from cellpuzzle_cli.io import atomic_output_dir, write_jsonl
     from cellpuzzle_cli.reward import make_trl_reward
 
@@ -223,7 +223,7 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
         args = GRPOConfig(output_dir=str(tmp / "trainer"), **tplan.grpo_args)
         trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[recorder], args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                              callbacks=[_Report()])
+                              callbacks=[_Report(), finite_guard("rl grpo (TRL)")])
         trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report instead
         trainer.train()
         health = reward_health(recorder.records, tplan.grpo_args["num_generations"])

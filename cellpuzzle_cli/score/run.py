@@ -56,6 +56,22 @@ def _runs_from_manifest(ledger: Any, partial: bool) -> tuple[list[RunInput], lis
     return [run], notes, warnings
 
 
+def _unreadable(report: Any, run: RunInput) -> str | None:
+    """A warning when most of a run's answers could not be read, with the first such answer."""
+    from cellpuzzle_cli.answer import parse_answer, unreadable_warning
+    from cellpuzzle_cli.score.runs import file_records
+
+    count, errors = int(report.overall["count"]), int(report.errors)   # errors: no answer at all
+    total = count - errors
+    bad = total - round(report.overall["format_legitimacy"] * count)
+    if bad * 2 <= total:
+        return None
+    example = next((r.get("prediction") for f in run.files for r in file_records(f)
+                    if r.get("prediction") is not None
+                    and not parse_answer(r.get("prediction")).legitimate), None)
+    return unreadable_warning(f"Run '{report.name}'", total, bad, example)
+
+
 def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
     """Score the given runs (or the latest predict run), write --json/--plot, say what to record."""
     settings: ScoreSettings = job.settings
@@ -73,6 +89,7 @@ def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
     result = score_runs(runs, cello1_compat=settings.cello1_compat, tokenizer=tokenizer,
                         reference=reference, resamples=settings.bootstrap, seed=settings.seed,
                         label_ids=label_ids)
+    warnings += [w for r, run in zip(result.reports, runs) if (w := _unreadable(r, run))]
     outputs = []
     if json_out is not None:
         from cellpuzzle_cli.io import write_json
