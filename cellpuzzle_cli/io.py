@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -301,3 +302,29 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)
+
+
+# -- content hashes (the ledger records them) ----------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Content hash, size and file count; a folder's hash covers relative paths and contents."""
+    path = Path(path)
+    if path.is_file():
+        return {"sha256": file_sha256(path), "size": path.stat().st_size, "nfiles": 1}
+    if not path.is_dir():
+        return {"sha256": None, "size": 0, "nfiles": 0}
+    h = hashlib.sha256()
+    size = nfiles = 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        h.update(rel.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+        size += f.stat().st_size
+        nfiles += 1
+    return {"sha256": h.hexdigest(), "size": size, "nfiles": nfiles}

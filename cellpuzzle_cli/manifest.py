@@ -17,7 +17,6 @@ written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ import orjson
 
 from cellpuzzle_cli import __version__
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import write_json
+from cellpuzzle_cli.io import describe, write_json
 
 SCHEMA = 1
 DEFAULT_PATH = Path("cellpuzzle.json")
@@ -173,31 +172,6 @@ def parse_entry(raw: Any, path: Path, index: int) -> Entry:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def describe(path: Path) -> dict[str, Any]:
-    """Content hash, size and file count; a folder's hash covers relative paths and contents."""
-    path = Path(path)
-    if path.is_file():
-        return {"sha256": file_sha256(path), "size": path.stat().st_size, "nfiles": 1}
-    if not path.is_dir():
-        return {"sha256": None, "size": 0, "nfiles": 0}
-    h = hashlib.sha256()
-    size = nfiles = 0
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path).as_posix()
-        h.update(rel.encode() + b"\0" + file_sha256(f).encode() + b"\n")
-        size += f.stat().st_size
-        nfiles += 1
-    return {"sha256": h.hexdigest(), "size": size, "nfiles": nfiles}
 
 
 def library_versions() -> dict[str, str]:
@@ -355,6 +329,29 @@ class Manifest:
             made = next((a for a in entry.outputs if a.path == target), None)
             if made is not None:
                 return newest or (entry, made)
+        return None
+
+    def upstream(self, path: Path, kind: Kind, depth: int = 8) -> Path | None:
+        """The nearest recorded artifact of `kind` that `path` was made from, following each
+        run's inputs back (e.g. the training puzzles behind a model that sft, merge-lora and
+        rl made in turn)."""
+        frontier, seen = [Path(path)], set()
+        for _ in range(depth):
+            following = []
+            for item in frontier:
+                entry = self.producer_of(item)
+                if entry is None or entry.id in seen:
+                    continue
+                seen.add(entry.id)
+                for recorded in entry.inputs:
+                    source = self.resolve(recorded.path)
+                    made = self.producer_of(source)
+                    out = made.output(next((o.name for o in made.outputs
+                                            if o.path == recorded.path), "")) if made else None
+                    if out is not None and out.kind == kind.value:
+                        return source
+                    following.append(source)
+            frontier = following
         return None
 
     def sibling_output(self, path: Path, kind: Kind) -> Path | None:

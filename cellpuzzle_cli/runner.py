@@ -33,8 +33,8 @@ import orjson
 
 from cellpuzzle_cli.config import layer_settings, settings_dict
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import Progress
-from cellpuzzle_cli.manifest import Artifact, Manifest, RunRecord, describe, jsonable
+from cellpuzzle_cli.io import Progress, describe
+from cellpuzzle_cli.manifest import Artifact, Manifest, RunRecord, jsonable
 from cellpuzzle_cli.steps import STEPS, In, StepSpec, from_ledger
 
 STAMP_FILE = ".cellpuzzle-run.json"  # a step's identity, inside the folder it published
