@@ -81,15 +81,27 @@ def write_curves(folder: Path, history: Iterable[dict[str, Any]], title: str,
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """One panel per metric that was logged, against the optimiser step; PNG written atomically."""
+    """The curves as a PNG, written atomically (no timestamp: same numbers, same bytes)."""
     import io
 
+    from cellpuzzle_cli.io import atomic_write_bytes
+
+    fig = curves_figure(rows, title)   # selects matplotlib's file-only backend first
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def curves_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
+    """One panel per metric that was logged, against the optimiser step, each y axis saying
+    what it measures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cellpuzzle_cli.io import atomic_write_bytes
 
     panels = [[n for n in names if any(n in row for row in rows)] for names in _PANELS]
     panels = [names for names in panels if names]
@@ -114,10 +126,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     if not panels:
         axes.flat[0].text(0.5, 0.5, "nothing was logged", ha="center", va="center")
     fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
 
 
 def _draw(ax, rows: Sequence[dict[str, Any]], name: str) -> None:
@@ -157,3 +166,39 @@ def finite_guard(what: str) -> Any:
                         "and run again.")
 
     return _Guard()
+
+
+def eval_leaves_training_alone() -> Any:
+    """A TrainerCallback that keeps the random state across each evaluation during training.
+
+    Evaluating draws from torch's random generator (each new DataLoader iterator takes a seed),
+    so without it the dropout masks after the first evaluation, and so the trained weights,
+    would depend on how often eval loss is drawn (`eval_steps`). The state is saved when the
+    Trainer decides to evaluate (after the step's other callbacks) and restored once it has."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import TrainerCallback
+
+    class _Keep(TrainerCallback):
+        saved: tuple[Any, ...] | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_evaluate:
+                cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+                self.saved = (torch.get_rng_state(), cuda, random.getstate(),
+                              np.random.get_state())
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.saved is None:
+                return
+            cpu, cuda, python, numpy_state = self.saved
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+            self.saved = None
+
+    return _Keep()

@@ -327,7 +327,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     Under torchrun every process trains; only the main one prepares the checkpoint folder and
     writes the output.
     """
-    from cellpuzzle_cli.curves import finite_guard, write_curves
+    from cellpuzzle_cli.curves import eval_leaves_training_alone, finite_guard, write_curves
     from cellpuzzle_cli.distributed import is_main_process, world_size
 
     out = Path(out)
@@ -340,7 +340,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
         ckpt = _prepare_work_dir(out, resume, overwrite)
     else:
         ckpt = latest_checkpoint(work) if resume else None
-    callbacks = [finite_guard("sft"), *([progress_callback(progress)] if progress and main else [])]
+    callbacks = [finite_guard("sft"), eval_leaves_training_alone(),
+                 *([progress_callback(progress)] if progress and main else [])]
     trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks)
     t0 = time.perf_counter()
     try:

@@ -153,7 +153,8 @@ STEPS: dict[str, StepSpec] = {spec.name: spec for spec in (
              inputs=(In("predictions", Kind.PREDICTIONS, "predictions", auto=False),
                      In("reference", what="reference", auto=False),
                      In("label ids", what="label ids", auto=False)),
-             outputs=(Out("report", Kind.REPORT), Out("plot", Kind.PLOT)), stamped=False,
+             outputs=(Out("report", Kind.REPORT), Out("plot", Kind.PLOT),
+                      Out("html", Kind.REPORT)), stamped=False,
              label="score"),
 )}
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
 _METRICS = (("cell_accuracy", "Cell accuracy", "share of cells named right"),
             ("exact_match", "Exact match", "share of puzzles all right"))
+ZERO_WIDTH = "_zero-width CI"   # the dashes' label (leading "_": matplotlib's legend skips it)
 _MAX_COUNTED = 30     # heatmaps with more types than this leave out the per-cell counts
 _TICK_CHARS = 28      # longer type names are shortened on the heatmap's axes
 
@@ -42,27 +43,33 @@ def png_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _save(fig: Any, path: Path) -> None:
-    from cellpuzzle_cli.io import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), png_bytes(fig))
-
-
 def confusion_path(path: Path) -> Path:
     """Where the heatmap goes: beside the by-N plot, `<stem>-confusion.png`."""
     path = Path(path)
     return path.with_name(f"{path.stem}-confusion.png")
 
 
-def plot_by_n(reports: Sequence[Report], path: Path) -> list[Path]:
-    """Accuracy by N and, beside it, the confusion heatmaps; returns the files written (each
-    atomically, as PNG)."""
-    _save(by_n_figure(reports), path)
-    written = [Path(path)]
+def render_plots(reports: Sequence[Report]) -> dict[str, bytes]:
+    """The plots as PNG bytes: "by_n", and "confusion" where runs have per-type metrics."""
+    plots = {"by_n": png_bytes(by_n_figure(reports))}
     with_types = typed(reports)
     if with_types:
-        _save(confusion_figure(with_types), confusion_path(path))
+        plots["confusion"] = png_bytes(confusion_figure(with_types))
+    return plots
+
+
+def plot_by_n(reports: Sequence[Report], path: Path,
+              plots: dict[str, bytes] | None = None) -> list[Path]:
+    """Accuracy by N at `path` and, beside it, the confusion heatmaps (`plots`: already
+    rendered); returns the files written (each atomically, as PNG)."""
+    from cellpuzzle_cli.io import atomic_write_bytes
+
+    plots = plots if plots is not None else render_plots(reports)
+    written = [Path(path)]
+    atomic_write_bytes(written[0], plots["by_n"])
+    if "confusion" in plots:
         written.append(confusion_path(path))
+        atomic_write_bytes(written[1], plots["confusion"])
     return written
 
 
@@ -124,7 +131,7 @@ def by_n_figure(reports: Sequence[Report]) -> Any:
             if flat:  # an interval of zero width: a black dash wider than the marker
                 flat_seen = True
                 fx, fy = zip(*flat)
-                ax.plot(fx, fy, linestyle="none", marker="_", markersize=16,
+                ax.plot(fx, fy, linestyle="none", marker="_", markersize=16, label=ZERO_WIDTH,
                         markeredgewidth=1.6, color="black", zorder=bars.lines[0].zorder + 1)
         chance = [first[n][f"chance_{metric}"] for n in all_n]   # 1/N, 1/N! when closed
         ax.plot(all_n, chance, linestyle=":", color="grey", linewidth=1.8, label="chance")
