@@ -236,7 +236,9 @@ def test_manifest_fits_80_columns_with_full_timestamps_and_wide_shows_all(cli, t
     for entry in m.entries():        # the date and the time of day, to the second
         stamp = entry.finished[:19].replace("T", " ")
         assert any(stamp in line for line in lines), (stamp, shown.stdout)
-    assert "→ …/shard-0-of-1.jsonl" in shown.stdout      # shortened from the left
+    shortened = [line for line in lines if "→ …" in line]   # cut from the left: the ends stay
+    assert len(shortened) == 2 and "-sft/shard-0-of-1.jsonl" in shortened[0]
+    assert "/round-2/predictions-sft" in shortened[1]
     assert "← splits/test.jsonl" in shown.stdout and "1h02m" in shown.stdout
     wide = cli("manifest", "--wide")
     recorded = m.entries()[0].outputs[0]

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 _STAMP = 19            # "2025-01-31 12:34:56"
 _MAX_LISTED = 3        # compact rows list this many inputs (and outputs), then "+N more"
 _MIN_FILES_WIDTH = 16
+_DECORATION = 9        # the compact table's padding and column rules, in columns
 
 
 def _size(n: float) -> str:
@@ -38,14 +39,9 @@ def stamp(iso: str) -> str:
 
 
 def shorten_left(text: str, width: int) -> str:
-    """`text` in at most `width` characters, cut from the left at a `/` where one fits."""
-    if len(text) <= width:
-        return text
-    tail = text[-(width - 1):]
-    cut = tail.find("/")
-    if 0 <= cut < len(tail) - 1:
-        tail = tail[cut:]
-    return "…" + tail
+    """`text` in at most `width` characters, cut from the left: a path keeps its file name and
+    as much of the folders above it as fits (`…-baseline/shard-0-of-1.jsonl`)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def _duration(seconds: float) -> str:
@@ -69,9 +65,9 @@ def compact_table(entries: list[Entry], title: str, width: int) -> Table:
 
     commands = max([len("command"), *(len(e.command) for e in entries)])
     took = max([len("took"), *(len(_duration(e.duration_s)) for e in entries)])
-    files = max(_MIN_FILES_WIDTH, width - _STAMP - commands - took - 4 * 2 - 1)
+    files = max(_MIN_FILES_WIDTH, width - _STAMP - commands - took - _DECORATION)
     table = Table(title=shorten_left(title, width), box=box.SIMPLE_HEAD, pad_edge=False,
-                  title_justify="left")
+                  show_edge=False, title_justify="left")
     table.add_column("finished (UTC)", no_wrap=True, min_width=_STAMP)
     table.add_column("command", no_wrap=True)
     table.add_column("read ← / wrote →", no_wrap=True, max_width=files, overflow="ellipsis")
