@@ -113,9 +113,16 @@ def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
                             "other puzzles. Pass the test split these predictions were made on.")
         reports.append(report(j, resamples, seed, cello1_compat, unit, ref, table))
         reports[-1].missing_shards = list(run.missing_shards)
-        answered = int(reports[-1].overall["count"])
-        if run.set_size is not None and answered < run.set_size:
-            reports[-1].limited = {"answered": answered, "of": int(run.set_size),
-                                   "limit": run.limit}
+        reports[-1].limited = _shortfall(run, int(reports[-1].overall["count"]))
     return ScoreResult(reports, unit)
+
+
+def _shortfall(run: RunInput, answered: int) -> dict[str, Any] | None:
+    """A run that answers fewer puzzles than its test set holds (predict --limit); a run with
+    missing shards says so itself (`missing_shards`) unless a limit also cut it short."""
+    if run.set_size is None or answered >= run.set_size:
+        return None
+    if run.missing_shards and run.limit is None:
+        return None
+    return {"answered": answered, "of": run.set_size, "limit": run.limit}
 

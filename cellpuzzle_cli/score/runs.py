@@ -48,7 +48,9 @@ def with_predict_facts(run: RunInput, folder: Path) -> RunInput:
     except (OSError, orjson.JSONDecodeError):
         return run
     if isinstance(facts, dict):
-        run.limit, run.set_size = facts.get("limit"), facts.get("puzzles_in_set")
+        whole = [v if isinstance(v, int) and not isinstance(v, bool) else None
+                 for v in (facts.get("limit"), facts.get("puzzles_in_set"))]
+        run.limit, run.set_size = whole
     return run
 
 
