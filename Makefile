@@ -40,7 +40,7 @@ bench: install
 
 # The whole pipeline on scanpy's bundled PBMC set (700 cells, 10 types, one donor), on CPU, with
 # the settings of configs/recipes/tiny-pbmc: baseline, a from-scratch model after SFT, and after
-# GRPO, scored side by side on the same held-out puzzles (demo/score.json, demo/score.png).
+# GRPO, scored side by side on the same held-out puzzles (demo/score.json, .png, .html).
 # One torch thread: same numbers on any machine, and no slower for a model this small.
 PBMC = $$($(BIN)/python -c 'import pathlib, scanpy; print(pathlib.Path(scanpy.__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad")')
 RECIPE := configs/recipes/tiny-pbmc
@@ -60,7 +60,7 @@ demo: install
 	$(DEMO_CP) rl grpo -o $(DEMO)/rl-model --config $(RECIPE)/rl-grpo.yaml
 	$(DEMO_CP) predict --model $(DEMO)/rl-model -o $(DEMO)/preds-rl --config $(RECIPE)/predict.yaml
 	$(DEMO_CP) score $(DEMO)/preds-baseline $(DEMO)/preds-sft $(DEMO)/preds-rl \
-	    --json $(DEMO)/score.json --plot $(DEMO)/score.png
+	    --json $(DEMO)/score.json --plot $(DEMO)/score.png --html $(DEMO)/score.html
 	$(DEMO_CP) manifest
 
 clean:

@@ -37,7 +37,17 @@ TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_sec
                "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "total_flos",
                "train_loss")
 _PANELS = (("loss", "eval_loss"), ("learning_rate",), ("reward_mean",), ("legitimate_share",),
-           ("response_length",), ("kl",), ("token_accuracy",), ("grad_norm",))
+           ("response_length",), ("kl",), ("token_accuracy",), ("entropy",), ("grad_norm",))
+# What each panel's y axis measures, and how a series is named in its legend.
+_Y_LABELS = {"loss": "loss (the training objective)", "learning_rate": "learning rate",
+             "reward_mean": "reward (mean ± std per step)",
+             "legitimate_share": "share of answers in the format",
+             "response_length": "answer length (tokens)", "kl": "KL to the reference model",
+             "token_accuracy": "share of target tokens right",
+             "entropy": "entropy (nats per token)", "grad_norm": "gradient norm (L2)"}
+_LEGEND = {"loss": "training loss", "eval_loss": "eval loss (held-out puzzles)",
+           "reward_mean": "reward mean"}
+_MARKED_BELOW = 40     # series with fewer points than this show every point as a marker
 
 
 def split_history(history: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -71,48 +81,69 @@ def write_curves(folder: Path, history: Iterable[dict[str, Any]], title: str,
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """One panel per metric that was logged, against the optimiser step; PNG written atomically."""
+    """The curves as a PNG, written atomically (no timestamp: same numbers, same bytes)."""
     import io
 
+    from cellpuzzle_cli.io import atomic_write_bytes
+
+    fig = curves_figure(rows, title)   # selects matplotlib's file-only backend first
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def curves_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
+    """One panel per metric that was logged, against the optimiser step, each y axis saying
+    what it measures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cellpuzzle_cli.io import atomic_write_bytes
-
-    panels = [names for names in _PANELS if any(n in row for row in rows for n in names)]
-    cols = min(3, max(1, len(panels)))
+    panels = [[n for n in names if any(n in row for row in rows)] for names in _PANELS]
+    panels = [names for names in panels if names]
+    cols = min(3 if len(panels) <= 6 else 4, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.2 * nrows), squeeze=False,
+                             layout="constrained")
     for ax, names in zip(axes.flat, panels):
         for name in names:
-            points = [(row["step"], row[name]) for row in rows if name in row]
-            if not points:
-                continue
-            steps, values = zip(*points)
-            line, = ax.plot(steps, values, marker="o" if len(points) < 30 else None,
-                            markersize=3, label=name)
-            if name == "reward_mean":
-                spread = [row.get("reward_std", 0.0) for row in rows if name in row]
-                ax.fill_between(steps, [v - s for v, s in zip(values, spread)],
-                                [v + s for v, s in zip(values, spread)], alpha=0.2,
-                                color=line.get_color(), label="± std")
-        ax.set_title(", ".join(names))
-        ax.set_xlabel("step")
+            _draw(ax, rows, name)
+        ax.set_title(", ".join(_LEGEND.get(n, n.replace("_", " ")) for n in names),
+                     fontsize="medium")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(_Y_LABELS.get(names[0], names[0].replace("_", " ")))
         ax.grid(alpha=0.3)
-        if len(names) > 1 or names == ("reward_mean",):
+        if names == ["learning_rate"]:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        if len(names) > 1 or names == ["reward_mean"]:
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if not panels:
         axes.flat[0].text(0.5, 0.5, "nothing was logged", ha="center", va="center")
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
+
+
+def _draw(ax, rows: Sequence[dict[str, Any]], name: str) -> None:
+    """One logged series: a line, with markers where the points are few; eval loss (a handful
+    of evaluations) always as a dashed line with large markers, so one point still shows."""
+    points = [(row["step"], row[name]) for row in rows if name in row]
+    steps, values = zip(*points)
+    style: dict[str, Any] = {"marker": "o" if len(points) < _MARKED_BELOW else None,
+                             "markersize": 3.5}
+    if name == "eval_loss":
+        style = {"marker": "D", "markersize": 6, "linestyle": "--", "linewidth": 1.6}
+    line, = ax.plot(steps, values, label=_LEGEND.get(name, name), **style)
+    if name == "reward_mean":
+        spread = [row.get("reward_std", 0.0) for row in rows if name in row]
+        ax.fill_between(steps, [v - s for v, s in zip(values, spread)],
+                        [v + s for v, s in zip(values, spread)], alpha=0.2,
+                        color=line.get_color(), label="± std")
 
 
 def finite_guard(what: str) -> Any:
@@ -135,3 +166,39 @@ def finite_guard(what: str) -> Any:
                         "and run again.")
 
     return _Guard()
+
+
+def eval_leaves_training_alone() -> Any:
+    """A TrainerCallback that keeps the random state across each evaluation during training.
+
+    Evaluating draws from torch's random generator (each new DataLoader iterator takes a seed),
+    so without it the dropout masks after the first evaluation, and so the trained weights,
+    would depend on how often eval loss is drawn (`eval_steps`). The state is saved when the
+    Trainer decides to evaluate (after the step's other callbacks) and restored once it has."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import TrainerCallback
+
+    class _Keep(TrainerCallback):
+        saved: tuple[Any, ...] | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_evaluate:
+                cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+                self.saved = (torch.get_rng_state(), cuda, random.getstate(),
+                              np.random.get_state())
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.saved is None:
+                return
+            cpu, cuda, python, numpy_state = self.saved
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+            self.saved = None
+
+    return _Keep()

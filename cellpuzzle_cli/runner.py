@@ -233,21 +233,39 @@ def _progress(factory: ProgressFactory | None, spec: StepSpec) -> Iterator[Progr
     if factory is None:
         yield lambda *a, **k: None
         return
-    if spec.quiet_libraries:
-        _quiet_libraries()
+    quiet_libraries()
     with factory(spec.label or spec.name, unit=spec.unit) as update:
         yield update
 
 
-def _quiet_libraries() -> None:
-    """One progress display per command: the Hugging Face libraries' own bars and info logs
-    are silenced while ours shows."""
-    import datasets
-    import transformers
+# Read by the Hugging Face libraries when they are imported; a user's own setting wins.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+             "TRANSFORMERS_VERBOSITY": "error"}
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+
+def quiet_libraries() -> None:
+    """One progress display per command: the Hugging Face libraries' own bars (loading and
+    writing weights, mapping datasets) and info logs are silenced while ours shows.
+
+    Through their environment variables, so a library not imported yet (predict's baseline
+    imports none) costs nothing and starts quiet, in this process and the ones it starts
+    (torchrun, Ray, verl); the ones already imported are told directly."""
+    import os
+    import sys
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

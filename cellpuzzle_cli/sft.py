@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from cellpuzzle_cli.runner import Job
 
 FINETUNE_MODES = ("lora", "full")
+# Unset logging_steps / eval_steps: a share of the run's steps (transformers reads a value below
+# 1 so), so a curve has ~50 logged points (every step in runs up to 50) and ~10 evaluations.
+LOG_SHARE, EVAL_SHARE = 0.02, 0.1
 NonNegativeFloat = Annotated[float, Check(0)]  # config.NonNegative is for counts
 
 
@@ -86,7 +89,8 @@ class SftSettings:
     rationale_genes: NonNegative = 3  # 0: bare `Cell i -> type` lines
     seed: Seed = 0
     # logging and checkpoints
-    logging_steps: Count = 10
+    logging_steps: Count | None = None  # None: ~50 points over the run (every step up to 50)
+    eval_steps: Count | None = None     # None: ~10 evaluations over the run (with eval_size > 0)
     save_steps: Count = 200
     save_total_limit: Count = 2
     keep_checkpoints: bool = False
@@ -123,6 +127,8 @@ class SftResult:
     rationale_counts: dict[str, int] = field(default_factory=dict)
     processes: int = 1  # torchrun's world size
     finetune: str = "lora"
+    logging_interval: int = 0   # steps between logged points (derived when not set)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """What the manifest keeps about the run (timings apart: see timings.json)."""
@@ -130,7 +136,8 @@ class SftResult:
                 "last_loss": self.last_loss, "eval_loss": self.eval_loss,
                 "n_train": self.n_train, "n_eval": self.n_eval, "bf16": self.bf16,
                 "device": self.device, "trainable_params": self.trainable_params,
-                "targets": self.rationale_counts, "processes": self.processes}
+                "targets": self.rationale_counts, "processes": self.processes,
+                "logging_interval": self.logging_interval}
 
 
 def sft_examples(records: Sequence[dict[str, Any]], targets: Sequence[str]) -> list[dict[str, Any]]:
@@ -230,8 +237,9 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
         max_length=settings.max_length, gradient_checkpointing=settings.gradient_checkpointing,
         bf16=bf16, fp16=False, completion_only_loss=settings.completion_only_loss,
         assistant_only_loss=False,
-        logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit, eval_strategy="no",
+        logging_steps=settings.logging_steps or LOG_SHARE, save_strategy="steps",
+        save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
+        eval_strategy="steps" if has_eval else "no", eval_steps=settings.eval_steps or EVAL_SHARE,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         use_cpu=not cuda_available(),
     )
@@ -319,7 +327,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     Under torchrun every process trains; only the main one prepares the checkpoint folder and
     writes the output.
     """
-    from cellpuzzle_cli.curves import finite_guard, write_curves
+    from cellpuzzle_cli.curves import eval_leaves_training_alone, finite_guard, write_curves
     from cellpuzzle_cli.distributed import is_main_process, world_size
 
     out = Path(out)
@@ -332,7 +340,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
         ckpt = _prepare_work_dir(out, resume, overwrite)
     else:
         ckpt = latest_checkpoint(work) if resume else None
-    callbacks = [finite_guard("sft"), *([progress_callback(progress)] if progress and main else [])]
+    callbacks = [finite_guard("sft"), eval_leaves_training_alone(),
+                 *([progress_callback(progress)] if progress and main else [])]
     trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks)
     t0 = time.perf_counter()
     try:
@@ -345,6 +354,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
     first, last = _losses(trainer.state.log_history)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    notes = _adapter_note(trainer.model, trainable, settings)
     result = SftResult(out=out, base_model=source, data=Path(data), n_train=len(train_ex),
                        n_eval=len(eval_ex), steps=trainer.state.global_step,
                        train_loss=float(train_out.training_loss), first_loss=first,
@@ -352,7 +362,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
                        device=str(trainer.args.device), bf16=bool(trainer.args.bf16),
                        trainable_params=trainable, resumed_from=str(ckpt) if ckpt else None,
                        rationale_counts=counts, processes=world_size(),
-                       finetune=settings.finetune)
+                       finetune=settings.finetune,
+                       logging_interval=int(trainer.state.logging_steps or 0), notes=notes)
     if not main:
         return result
     with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
@@ -366,6 +377,23 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
             shutil.move(str(work), tmp / "checkpoints")
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _adapter_note(model: Any, trainable: int, settings: SftSettings) -> list[str]:
+    """Why an adapter can hold more parameters than the model it adapts (a tiny model with
+    Cell-o1's lora_r=256): said, so the count does not read as a bug."""
+    if settings.finetune != "lora":
+        return []
+    base = sum(p.numel() for p in model.parameters()) - trainable
+    if trainable <= base:
+        return []
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    width = f" (hidden size {hidden})" if hidden else ""
+    note = (f"The adapter has {trainable:,} trainable parameters, more than the {base:,} of the "
+            f"model it adapts: lora_r={settings.lora_r} is wider than the model's layers{width}, "
+            "so each low-rank pair outgrows the weight it updates. For a model this small, lower "
+            "lora_r (e.g. lora_r=8) or train every weight (finetune=full).")
+    return [note]
 
 
 def sort_adapter_module_lists(path: Path) -> None:

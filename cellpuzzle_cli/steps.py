@@ -73,7 +73,6 @@ class StepSpec:
     launch: bool = False
     load: str | None = None
     stamped: bool = True
-    quiet_libraries: bool = False    # uses transformers/datasets: silence their own bars
     label: str = ""
     unit: str = ""
 
@@ -125,12 +124,11 @@ STEPS: dict[str, StepSpec] = {spec.name: spec for spec in (
     StepSpec("sft", "sft", "SftSettings", shipped="sft.yaml",
              inputs=(In("base_model", Kind.MODEL, "base model (--model)", param="model"),
                      _TRAIN),
-             outputs=(Out("adapter", Kind.ADAPTER),), plan=True, launch=True,
-             quiet_libraries=True, label="sft", unit="steps"),
+             outputs=(Out("adapter", Kind.ADAPTER),), plan=True, launch=True, label="sft",
+             unit="steps"),
     StepSpec("merge-lora", "merge_lora", "MergeLoraSettings",
              inputs=(In("adapter", Kind.ADAPTER, "adapter"),),
-             outputs=(Out("model", Kind.MODEL),), plan=True, quiet_libraries=True,
-             label="merge-lora"),
+             outputs=(Out("model", Kind.MODEL),), plan=True, label="merge-lora"),
     StepSpec("to-parquet", "to_parquet", "ToParquetSettings",
              inputs=(In("train", Kind.TRAIN_PUZZLES, "training data", param="data"),),
              outputs=(Out("train", Kind.RL_TRAIN, "train.parquet"),
@@ -140,7 +138,7 @@ STEPS: dict[str, StepSpec] = {spec.name: spec for spec in (
                inputs=(In("train", Kind.RL_TRAIN, "training Parquet", auto=False),
                        In("val", Kind.RL_VAL, "validation Parquet", auto=False), _MODEL),
                outputs=(Out("model", Kind.MODEL), Out("checkpoints", Kind.CHECKPOINTS)),
-               stamped=False, quiet_libraries=True, label=f"rl {algo}")
+               stamped=False, label=f"rl {algo}")
       for algo in ("grpo", "ppo")),
     StepSpec("convert-ckpt", "convert_ckpt", "ConvertCkptSettings",
              inputs=(In("checkpoint", Kind.CHECKPOINTS, "checkpoint"),),
@@ -155,7 +153,8 @@ STEPS: dict[str, StepSpec] = {spec.name: spec for spec in (
              inputs=(In("predictions", Kind.PREDICTIONS, "predictions", auto=False),
                      In("reference", what="reference", auto=False),
                      In("label ids", what="label ids", auto=False)),
-             outputs=(Out("report", Kind.REPORT), Out("plot", Kind.PLOT)), stamped=False,
+             outputs=(Out("report", Kind.REPORT), Out("plot", Kind.PLOT),
+                      Out("html", Kind.REPORT)), stamped=False,
              label="score"),
 )}
 

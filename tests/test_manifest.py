@@ -210,3 +210,37 @@ def test_a_step_knows_its_own_output_recorded_or_not(tmp_path):
     assert stamp().state() == "new"             # changed since it was recorded
     data.write_text("other cells")
     assert stamp(ledger=Manifest(m.path)).state() == "new"
+
+
+def test_manifest_fits_80_columns_with_full_timestamps_and_wide_shows_all(cli, tmp_path,
+                                                                          monkeypatch):
+    from cellpuzzle_cli.cli.common import console
+
+    deep = tmp_path / "projects" / "a-rather-long-study-name" / "round-2" / "predictions-sft"
+    deep.mkdir(parents=True)
+    shard = deep / "shard-0-of-1.jsonl"
+    shard.write_text("{}\n")
+    test = tmp_path / "splits" / "test.jsonl"
+    test.parent.mkdir()
+    test.write_text("{}\n")
+    m = Manifest(cli.manifest)
+    m.record("predict", {}, [Artifact(test, "test")],
+             [STEPS["predict"].artifact("predictions", shard)], time.time() - 3725)
+    m.record("build-context", {}, [], [STEPS["build-context"].artifact("cells", deep)],
+             time.time())
+    monkeypatch.setattr(console, "width", 80)
+    shown = cli("manifest")
+    assert shown.code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, shown.stdout
+    for entry in m.entries():        # the date and the time of day, to the second
+        stamp = entry.finished[:19].replace("T", " ")
+        assert any(stamp in line for line in lines), (stamp, shown.stdout)
+    shortened = [line for line in lines if "→ …" in line]   # cut from the left: the ends stay
+    assert len(shortened) == 2 and "-sft/shard-0-of-1.jsonl" in shortened[0]
+    assert "/round-2/predictions-sft" in shortened[1]
+    assert "← splits/test.jsonl" in shown.stdout and "1h02m" in shown.stdout
+    wide = cli("manifest", "--wide")
+    recorded = m.entries()[0].outputs[0]
+    assert recorded.path in wide.stdout and recorded.sha256[:12] in wide.stdout
+    assert m.entries()[0].id in wide.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 from fixtures import (
+    assert_says,
     assert_user_error,
     foreign_model_dir,
     make_records,
@@ -301,3 +302,34 @@ def test_two_processes_train_one_adapter(tmp_path, train_file, tiny):
     losses = [orjson.loads(x)["loss"]
               for x in (tmp_path / "adapter" / "metrics.jsonl").read_bytes().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_curves_get_enough_points_and_eval_loss_leaves_training_alone(cli, train_file, tiny,
+                                                                       tmp_path):
+    """No logging_steps: every step of a short run is a point (the default of 10 drew 1 or 2
+    here); eval loss is drawn ~10 times; how often it is drawn never changes the weights."""
+    args = ["lora_r=8", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
+            "eval_size=0.2", "max_steps=8"]
+    runs = {}
+    for name, extra in (("derived", []), ("eval-at-end", ["eval_steps=100"])):
+        out = tmp_path / name
+        result = cli("sft", "--model", tiny, "--data", train_file, "-o", out, *args, *extra)
+        assert result.code == 0, result.output
+        rows = [orjson.loads(x) for x in (out / "metrics.jsonl").read_bytes().splitlines()]
+        runs[name] = (rows, (out / "adapter_model.safetensors").read_bytes())
+    rows, weights = runs["derived"]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "eval_loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in runs["eval-at-end"][0] if "eval_loss" in r] == [8]
+    assert runs["eval-at-end"][1] == weights
+    entry = orjson.loads(cli.manifest.read_bytes())["entries"][0]
+    assert entry["summary"]["logging_interval"] == 1
+
+
+def test_an_adapter_wider_than_its_model_says_why(cli, train_file, tiny, tmp_path):
+    result = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "a",
+                 "lora_r=256", "max_steps=1", "eval_size=0", "per_device_train_batch_size=1",
+                 "gradient_accumulation_steps=1")
+    assert result.code == 0, result.output
+    assert_says(result, "more than the", "of the model it adapts: lora_r=256 is wider than the "
+                "model's layers (hidden size 64)", "lora_r=8")

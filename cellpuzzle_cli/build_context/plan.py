@@ -149,7 +149,7 @@ def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFi
         kept = _keep_rows(obs, cell_type[0], config, dataset, report)
         report.cells_kept = int(kept.size)
 
-        donor = _donor(obs, config, path, dataset, warnings)
+        donor = _donor(obs, cell_ids, config, path, dataset, warnings)
         batch = None
         if config.batch_col is not None:
             batch = _required_column(obs, config.batch_col, path, "--batch-col")
@@ -236,8 +236,33 @@ def _keep_rows(obs: Frame, cell_type_codes: np.ndarray, config: ContextSettings,
     return kept
 
 
-def _donor(obs: Frame, config: ContextSettings, path: Path, dataset: str,
+def donors_from_ids(cell_ids: np.ndarray, regex: str, path: Path) -> Coded:
+    """`--donor-from-id`: each cell's donor is the first group of `regex` searched in its id.
+    Every id must match (with a non-empty group): a cell without a donor would land in a
+    group it does not belong to, so the first one that does not is named in the error."""
+    from cellpuzzle_cli.build_context.settings import donor_pattern
+
+    pattern = donor_pattern(regex)
+    donors = []
+    for cell_id in cell_ids:
+        found = pattern.search(cell_id)
+        donor = found.group(1) if found else None
+        if not donor:
+            bad = sum(1 for c in cell_ids if not ((m := pattern.search(c)) and m.group(1)))
+            raise UserError(f"{path}: cell id '{cell_id}' does not match --donor-from-id "
+                            f"'{regex}' (or its first group is empty); {bad:,} of "
+                            f"{len(cell_ids):,} ids do not. Every cell needs a donor: fix the "
+                            "regex (it is searched in each id; its first group is the donor), "
+                            "or use --donor-col with an obs column.")
+        donors.append(donor)
+    cats, codes = np.unique(np.asarray(donors, dtype=object), return_inverse=True)
+    return codes.astype(np.int32), cats.astype(object)
+
+
+def _donor(obs: Frame, cell_ids: np.ndarray, config: ContextSettings, path: Path, dataset: str,
            warnings: list[str]) -> Coded:
+    if config.donor_from_id is not None:
+        return donors_from_ids(cell_ids, config.donor_from_id, path)
     if config.donor_col is not None:
         codes, cats = _required_column(obs, config.donor_col, path, "--donor-col")
     elif DEFAULT_DONOR_COL in obs.columns:

@@ -43,6 +43,12 @@ def build_context(
         "--donor-col", help="obs column with the donor. Default: donor_id when present, else "
                             "each file is one donor group (with a warning).",
         show_default=False)] = None,
+    donor_from_id: Annotated[str | None, typer.Option(
+        "--donor-from-id", help="A regular expression searched in each cell id whose first "
+                                "group is the donor, for data whose donor lives only in the "
+                                "ids: '^([^_]+)_' takes MGH36 from MGH36_A01. A cell id that "
+                                "does not match is an error naming it.", show_default=False)]
+    = None,
     batch_col: Annotated[str | None, typer.Option(
         "--batch-col", help="obs column with a batch/sample to split donor groups by. Default: "
                             "none (CELLxGENE has no batch column; batch_id stays empty).",
@@ -96,7 +102,8 @@ def build_context(
         raise UserError("No .h5ad files or folders given. Pass at least one, e.g. "
                         "`cellpuzzle build-context data/ -o cells/`.")
     options = given(ctx, top_genes=top_genes, cell_type_col=cell_type_col,
-                    cell_type_id_col=cell_type_id_col, donor_col=donor_col, batch_col=batch_col,
+                    cell_type_id_col=cell_type_id_col, donor_col=donor_col,
+                    donor_from_id=donor_from_id, batch_col=batch_col,
                     gene_col=gene_col, max_cells=max_cells, seed=seed, workers=workers,
                     context_config=context_config, rename=rename, label_map=label_map)
     execute(ctx, Request("build-context", {"h5ad": files}, output, options, overrides, config,

@@ -30,6 +30,7 @@ def predict(
     model: ModelDir = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Test puzzles (.jsonl, .json or .parquet). Default: the latest split's test file.")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="Predict shard i of n (i from 0), e.g. 0/4. Default: the whole set (0/1).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="A quick look: only the first N puzzles, in predict's fixed order (by sha256 of the puzzle id, the order shards are dealt in; the same N every time, and a larger N extends them). Recorded as a partial run; run again without it to predict the rest.", show_default=False)] = None,
     output: OptionalOutputDir = None,
     backend: Annotated[str | None, typer.Option("--backend", "-b", help="hf (transformers), vllm (GPU), baseline (marker genes, no model), celltypist (full-expression reference, no model) or auto (vllm when installed with a GPU, else hf).")] = None,
     train: Annotated[Path | None, typer.Option("--train", help="baseline/celltypist: training puzzles. Default: the train file split beside the test data (or Cell-o1's ../train/train_data.json).")] = None,
@@ -60,6 +61,8 @@ def predict(
     Example: cellpuzzle predict --model sft-model --data splits/test.jsonl --shard 0/2 -o preds
 
     Example: cellpuzzle predict --backend baseline -o preds-baseline
+
+    Quick look: cellpuzzle predict --model sft-model --limit 5 -o preds-try
     """
     options = given(ctx, backend=backend, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     temperature=temperature, n=n, seed=seed, max_model_len=max_model_len,
@@ -69,7 +72,7 @@ def predict(
 
     flags = {"shard": shard_from_options(shard, ray, num_shards, ray_address), "ray": ray,
              "ray_address": ray_address, "retry_errors": retry_errors,
-             "trust_remote_code": trust_remote_code}
+             "trust_remote_code": trust_remote_code, "limit": limit}
     execute(ctx, Request("predict", {"test": data, "model": model, "train": train}, output,
                          options, overrides or [], config, overwrite, flags), fmt, _summary)
 

@@ -33,6 +33,10 @@ def score(
         show_default=False)] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of accuracy by N here.")] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Write a one-page HTML report here: the tables (with chance, per type), "
+                       "and the plots embedded, so the one file opens in any browser.",
+        show_default=False)] = None,
     reference: Annotated[Path | None, typer.Option(
         "--reference", help="Test split; report puzzles that have no prediction.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(
@@ -54,13 +58,14 @@ def score(
     """Cell-o1 metrics (cell accuracy, exact match, format legitimacy, uniqueness, length) for predictions.
 
     Example: [bold]cellpuzzle score preds/ --json report.json --plot by_n.png[/bold]
+    One page to share: [bold]cellpuzzle score preds-a/ preds-b/ --html report.html[/bold]
     Compare runs: [bold]cellpuzzle score runs/sft/ runs/grpo/ --reference splits/test.jsonl[/bold]
     """
     files, overrides = split_args(predictions)
     options = given(ctx, cello1_compat=cello1_compat, partial=partial, bootstrap=bootstrap,
                     seed=seed)
     inputs = {"predictions": files, "reference": reference, "label ids": label_ids}
-    flags = {"json": json_out, "plot": plot, "tokenizer": tokenizer}
+    flags = {"json": json_out, "plot": plot, "html": html, "tokenizer": tokenizer}
     execute(ctx, Request("score", inputs, None, options, overrides, config, False, flags), fmt,
             _print)
 
@@ -88,7 +93,8 @@ def _print(outcome: Outcome) -> None:
     for key, label in _METRIC_LABELS:
         table.add_row(label, *[_cell(r.overall, key) for r in reports])
     table.add_row("Prediction length", *[f"{r.overall['prediction_length']:.1f}" for r in reports])
-    table.add_row("Predictions", *[str(r.overall["count"]) for r in reports])
+    table.add_row("Predictions", *[str(r.overall["count"]) + (
+        f" of {r.limited['of']} (partial)" if r.limited else "") for r in reports])
     table.add_row("Failed (error)", *[str(r.errors) for r in reports])
     if any(r.missing is not None for r in reports):
         table.add_row("Missing vs reference",

@@ -43,7 +43,8 @@ class PredictRun:
     def summary(self) -> dict[str, Any]:
         return {"shards": [{"shard": f"{r.shard_index}/{r.num_shards}", "file": r.shard_file,
                             "puzzles": r.total, "resumed": r.resumed, "new": r.generated,
-                            "errors": r.errors} for r in self.results]}
+                            "errors": r.errors, "limit": r.limit, "partial": r.partial}
+                           for r in self.results]}
 
     def failure(self) -> UserError | None:
         """After the finished shards are recorded: the first failure, if any."""
@@ -79,7 +80,7 @@ def resolve(job: Job) -> tuple[PredictJob, Shard]:
                            expression=expression, shard_index=spec.index, num_shards=spec.count,
                            overwrite=job.overwrite, retry_errors=job.flag("retry_errors", False),
                            trust_remote_code=job.flag("trust_remote_code", False),
-                           settings=settings)
+                           limit=job.flag("limit"), settings=settings)
     job.notes[:] = [n for n in job.notes if n]
     return shard_job, spec
 
@@ -110,7 +111,21 @@ def step(job: Job, progress: Progress | None = None) -> PredictRun:
         results = [run_predict(shard_job, labelled(progress, f"Predicting shard {spec}"))]
         failures = []
     records = [shard_record(shard_job, r, job.ledger) for r in results]
-    return PredictRun(results, failures, [], records)
+    return PredictRun(results, failures, _limit_notes(results), records)
+
+
+def _limit_notes(results: list[PredictResult]) -> list[str]:
+    """What `--limit` left out, and how to predict the rest."""
+    partial = [r for r in results if r.partial]
+    if not partial:
+        return []
+    answered = sum(r.answered for r in partial)
+    of = sum(r.shard_puzzles for r in partial)
+    note = (f"Partial run (--limit {partial[0].limit}): the shard file(s) answer {answered} of "
+            f"{of} puzzles, the first ones in predict's fixed order (by sha256 of the puzzle "
+            "id); the manifest records the run as partial and `score` says so. Run the same "
+            "command without --limit to predict the rest (the answered ones are kept).")
+    return [note]
 
 
 def shard_record(job: PredictJob, result: PredictResult, manifest: Manifest) -> RunRecord:
@@ -125,6 +140,8 @@ def shard_record(job: PredictJob, result: PredictResult, manifest: Manifest) -> 
         "shard_index": result.shard_index, "complete": True, "backend": result.backend,
         "model": result.model, "puzzles": result.total, "errors": result.errors,
         "resumed": result.resumed, "config": asdict(job.settings),
-        "trust_remote_code": job.trust_remote_code,
+        "trust_remote_code": job.trust_remote_code, "limit": result.limit,
+        "partial": result.partial, "answered": result.answered,
+        "shard_puzzles": result.shard_puzzles,
     }
     return RunRecord(params, inputs, [Artifact(result.shard_file, "predictions", Kind.PREDICTIONS)])

@@ -55,5 +55,6 @@ class PredictJob:
     num_shards: int = 1
     overwrite: bool = False
     retry_errors: bool = False       # predict again the puzzles whose line holds an error
+    limit: int | None = None         # only the first N puzzles of the set (shards.first_puzzles)
     trust_remote_code: bool = False
     settings: PredictSettings = field(default_factory=PredictSettings)

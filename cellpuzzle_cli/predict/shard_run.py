@@ -33,7 +33,7 @@ from cellpuzzle_cli.predict.records import (
     rewrite_in_order,
 )
 from cellpuzzle_cli.predict.settings import TRAINED_BACKENDS, PredictJob
-from cellpuzzle_cli.predict.shards import Shard, parse_shard, select_shard
+from cellpuzzle_cli.predict.shards import Shard, first_puzzles, parse_shard, select_shard
 
 # What a folder's shard files were made with, checked when a run resumes (its settings are
 # also saved, reloadable, as predict.yaml).
@@ -63,6 +63,14 @@ class PredictResult:
     prompt_tokens: int
     completion_tokens: int
     warnings: list[str] = field(default_factory=list)  # e.g. most answers not in the format
+    limit: int | None = None   # --limit: only the first N puzzles of the set were asked for
+    shard_puzzles: int = 0     # the shard's puzzles without --limit
+    answered: int = 0          # lines in the shard file now (with --limit: may exceed `total`)
+
+    @property
+    def partial(self) -> bool:
+        """The shard file answers only some of the shard's puzzles (`--limit`)."""
+        return self.answered < self.shard_puzzles
 
     @property
     def prompts_per_s(self) -> float:
@@ -116,11 +124,16 @@ def _check_resume(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> N
                         "to predict this shard again with the new settings.")
 
 
-def _write_run_files(out_dir: Path, identity: dict[str, Any], settings: PredictJob) -> None:
+def _write_run_files(out_dir: Path, identity: dict[str, Any], settings: PredictJob,
+                     set_size: int) -> None:
+    """RUN_FILE: the identity, plus what `score` needs to tell a partial run (`--limit`): the
+    size of the whole test set and the limit asked for (neither is checked on resume, so a
+    run without --limit completes a limited one)."""
     from cellpuzzle_cli.config import save_settings
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / RUN_FILE, {**identity, "trust_remote_code": settings.trust_remote_code})
+    write_json(out_dir / RUN_FILE, {**identity, "trust_remote_code": settings.trust_remote_code,
+                                    "limit": settings.limit, "puzzles_in_set": set_size})
     save_settings(out_dir, "predict", settings.settings)
 
 
@@ -216,25 +229,30 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
         from cellpuzzle_cli.predict.vllm_backend import import_vllm
 
         import_vllm()  # fail before any file is touched
-    records = select_shard(load_test_records(settings.data), shard)
+    every = load_test_records(settings.data)
+    whole_shard = select_shard(every, shard)
+    records = select_shard(first_puzzles(every, settings.limit), shard)
     out_dir = Path(settings.output_dir)
     _check_output_dir(out_dir, settings.overwrite)
     identity = _run_identity(settings, backend)
     model = identity["model"]
     _check_resume(out_dir, identity, settings.overwrite)
     shard_file = out_dir / shard.filename
-    done = {} if settings.overwrite else read_done(shard_file, {r["puzzle_id"] for r in records})
+    # Lines beyond --limit (from an earlier, larger run) are kept: work is never thrown away.
+    done = {} if settings.overwrite else read_done(shard_file,
+                                                   {r["puzzle_id"] for r in whole_shard})
     retried = settings.retry_errors and any(r.get("prediction") is None for r in done.values())
     if retried:
         done = {pid: row for pid, row in done.items() if row.get("prediction") is not None}
     pending = [r for r in records if r["puzzle_id"] not in done]
+    chosen_done = sum(1 for r in records if r["puzzle_id"] in done)
     # The model loads before anything is written, so a wrong --model leaves nothing behind.
     impl = (backend_obj or make_backend(backend, settings)) if pending else None
-    _write_run_files(out_dir, identity, settings)
+    _write_run_files(out_dir, identity, settings, len(every))
     if settings.overwrite or retried:
         rewrite_in_order(shard_file, done.values())
     if progress:
-        progress(advance=len(done), total=len(records))
+        progress(advance=chosen_done, total=len(records))
 
     new_rows: list[dict[str, Any]] = []
     seconds = 0.0
@@ -262,9 +280,10 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
     return PredictResult(
         shard_file=shard_file, output_dir=out_dir, shard_index=shard.index,
         num_shards=shard.count, backend=backend, model=model, total=len(records),
-        resumed=len(done), generated=len(new_rows),
+        resumed=chosen_done, generated=len(new_rows),
         errors=sum(1 for r in all_rows if r.get("prediction") is None),
         seconds=seconds,
         prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in new_rows),
         completion_tokens=sum(r.get("completion_tokens") or 0 for r in new_rows),
-        warnings=[warning] if warning else [])
+        warnings=[warning] if warning else [], limit=settings.limit,
+        shard_puzzles=len(whole_shard), answered=len(all_rows))

@@ -92,6 +92,14 @@ def select_shard(records: Sequence[dict[str, Any]], shard: Shard) -> list[dict[s
     return ranked[shard.index::shard.count]
 
 
+def first_puzzles(records: Sequence[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """`predict --limit N`: the first N puzzles of the set in the canonical order above (the
+    order shards are dealt in), so the same N every time, whatever the file's order, and a
+    larger N (or no limit) extends the same set. Shards then split these N as they split all."""
+    ranked = sorted(records, key=lambda r: order_key(r["puzzle_id"]))
+    return ranked if limit is None else ranked[:limit]
+
+
 def shard_from_options(shard: str | None, ray: bool, num_shards: int | None,
                        ray_address: str | None) -> Shard:
     """The shard this command runs (`--shard i/n`), or with `--ray` the first of

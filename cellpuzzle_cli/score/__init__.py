@@ -2,6 +2,7 @@
 
 One metric family per module: `runs` (which files form a run, reading them), `judging` (every
 prediction against its gold answer), `cello1` (Cell-o1's summary metrics), `chance`,
-`per_type` (precision/recall/F1, confusion matrix), `hierarchy` (Cell Ontology) and `plot`.
+`per_type` (precision/recall/F1, confusion matrix), `hierarchy` (Cell Ontology), `plot` and
+`html` (the one-page report).
 `report` composes them into a report per run; `run` is the step's service.
 """

@@ -34,6 +34,7 @@ class Report:
     per_type: PerType | None = None
     hierarchical: Hierarchical | None = None
     missing_shards: list[str] = field(default_factory=list)  # a partial run (score --partial)
+    limited: dict[str, Any] | None = None   # a partial run: answered, of, limit (predict --limit)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.overall)
@@ -52,8 +53,9 @@ class Report:
             out["per_type"] = self.per_type.to_json()
         if self.hierarchical is not None:
             out["hierarchical"] = self.hierarchical.to_json()
-        if self.missing_shards:
-            out["partial"] = {"missing_shards": self.missing_shards}
+        if self.missing_shards or self.limited:
+            out["partial"] = {**({"missing_shards": self.missing_shards}
+                                 if self.missing_shards else {}), **(self.limited or {})}
         return out
 
 
@@ -111,5 +113,16 @@ def score_runs(runs: Sequence[RunInput], cello1_compat: bool = False,
                             "other puzzles. Pass the test split these predictions were made on.")
         reports.append(report(j, resamples, seed, cello1_compat, unit, ref, table))
         reports[-1].missing_shards = list(run.missing_shards)
+        reports[-1].limited = _shortfall(run, int(reports[-1].overall["count"]))
     return ScoreResult(reports, unit)
+
+
+def _shortfall(run: RunInput, answered: int) -> dict[str, Any] | None:
+    """A run that answers fewer puzzles than its test set holds (predict --limit); a run with
+    missing shards says so itself (`missing_shards`) unless a limit also cut it short."""
+    if run.set_size is None or answered >= run.set_size:
+        return None
+    if run.missing_shards and run.limit is None:
+        return None
+    return {"answered": answered, "of": run.set_size, "limit": run.limit}
 

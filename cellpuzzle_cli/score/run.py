@@ -1,8 +1,8 @@
 """score as a pipeline step: which runs, every metric family, what to record.
 
 The runs are found (given files and folders, or every shard of the latest predict run), scored,
-written as --json and --plot (with the confusion heatmap beside it), and described for the
-manifest.
+written as --json, --plot (with the confusion heatmap beside it) and --html (one self-contained
+page with the tables and plots), and described for the manifest.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.manifest import Artifact, Kind, RunRecord
-from cellpuzzle_cli.score.plot import plot_by_n
+from cellpuzzle_cli.score.plot import plot_by_n, render_plots
 from cellpuzzle_cli.score.report import ScoreResult, score_runs
-from cellpuzzle_cli.score.runs import RunInput, collect_files
+from cellpuzzle_cli.score.runs import RunInput, collect_files, with_predict_facts
 from cellpuzzle_cli.score.settings import ScoreSettings
 
 if TYPE_CHECKING:
@@ -53,7 +53,20 @@ def _runs_from_manifest(ledger: Any, partial: bool) -> tuple[list[RunInput], lis
     notes = [f"Using predictions from the manifest: {shards.output_dir}"]
     run = RunInput(Path(shards.output_dir).name or "predictions", shards.files, strict=True,
                    missing_shards=[shard_filename(i, shards.num_shards) for i in shards.missing])
+    if shards.files:
+        with_predict_facts(run, shards.files[0].parent)
     return [run], notes, warnings
+
+
+def _limited(report: Any) -> str | None:
+    """A run that answers only part of its test set (predict --limit), said plainly."""
+    part = report.limited
+    if not part or report.missing_shards:   # missing shards have their own warning
+        return None
+    how = f" (predict --limit {part['limit']})" if part.get("limit") else ""
+    return (f"Run '{report.name}' is partial: it answers {part['answered']} of the "
+            f"{part['of']} puzzles of its test set{how}; its scores cover those only. Run "
+            "predict again without --limit into the same folder to answer the rest.")
 
 
 def _unreadable(report: Any, run: RunInput) -> str | None:
@@ -86,9 +99,11 @@ def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
         input_paths = runs[0].files
     reference, label_ids = job.inputs.get("reference"), job.inputs.get("label ids")
     json_out, plot, tokenizer = job.flag("json"), job.flag("plot"), job.flag("tokenizer")
+    html = job.flag("html")
     result = score_runs(runs, cello1_compat=settings.cello1_compat, tokenizer=tokenizer,
                         reference=reference, resamples=settings.bootstrap, seed=settings.seed,
                         label_ids=label_ids)
+    warnings += [w for r in result.reports if (w := _limited(r))]
     warnings += [w for r, run in zip(result.reports, runs) if (w := _unreadable(r, run))]
     outputs = []
     if json_out is not None:
@@ -96,12 +111,18 @@ def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
 
         write_json(json_out, result.to_json())
         outputs.append(Artifact(json_out, "report", Kind.REPORT))
+    plots = render_plots(result.reports) if plot is not None or html is not None else {}
     if plot is not None:
-        outputs += [Artifact(path, "plot", Kind.PLOT) for path in plot_by_n(result.reports, plot)]
+        outputs += [Artifact(path, "plot", Kind.PLOT)
+                    for path in plot_by_n(result.reports, plot, plots)]
+    if html is not None:
+        from cellpuzzle_cli.score.html import write_html
+
+        outputs.append(Artifact(write_html(html, result, plots, warnings), "html", Kind.REPORT))
     params = {"runs": [r.name for r in runs], "cello1_compat": settings.cello1_compat,
               "tokenizer": tokenizer, "reference": reference, "partial": settings.partial,
               "bootstrap": settings.bootstrap, "seed": settings.seed, "json": json_out,
-              "plot": plot, "label_ids": label_ids,
+              "plot": plot, "html": html, "label_ids": label_ids,
               "prediction_length_unit": result.length_unit}
     summary = {r.name: {k: r.overall[k] for k in ("count", "cell_accuracy", "exact_match",
                                                   "format_legitimacy", "uniqueness", "errors")}

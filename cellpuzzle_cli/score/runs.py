@@ -32,6 +32,26 @@ class RunInput:
     files: list[Path]
     strict: bool = False
     missing_shards: list[str] = field(default_factory=list)  # scored anyway with --partial
+    limit: int | None = None       # predict --limit N made the run
+    set_size: int | None = None    # puzzles in the test set predict read (None: not recorded)
+
+
+def with_predict_facts(run: RunInput, folder: Path) -> RunInput:
+    """The run as predict recorded it in its folder: the test set's size and any --limit, so
+    a run that answers only some of the set is reported as partial."""
+    import orjson
+
+    from cellpuzzle_cli.predict.shard_run import RUN_FILE
+
+    try:
+        facts = orjson.loads((Path(folder) / RUN_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return run
+    if isinstance(facts, dict):
+        whole = [v if isinstance(v, int) and not isinstance(v, bool) else None
+                 for v in (facts.get("limit"), facts.get("puzzles_in_set"))]
+        run.limit, run.set_size = whole
+    return run
 
 
 def collect_files(inputs: Sequence[Path], partial: bool = False) -> list[RunInput]:
@@ -57,7 +77,8 @@ def collect_files(inputs: Sequence[Path], partial: bool = False) -> list[RunInpu
                                 "missing, so only some of its puzzles would be scored. Run the "
                                 "missing shard(s) (`cellpuzzle predict --shard i/n`), or pass "
                                 "--partial to score the finished ones (the report says so).")
-            runs.append(RunInput(p.resolve().name or str(p), files, missing_shards=missing))
+            runs.append(with_predict_facts(
+                RunInput(p.resolve().name or str(p), files, missing_shards=missing), p))
         else:
             loose.append(p.resolve())
     if loose:
