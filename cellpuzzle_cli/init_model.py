@@ -162,7 +162,7 @@ def init_tiny_model(data: Path, out: Path, config: InitModelSettings | None = No
     """
     import json
 
-    from cellpuzzle_cli.split import read_training_records
+    from cellpuzzle_cli.training_data import read_training_records
 
     records = read_training_records(data)
     texts = [str(r[k]) for r in records for k in ("system_msg", "user_msg", "assistant_msg")

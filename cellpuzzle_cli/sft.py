@@ -42,7 +42,7 @@ from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir
 from cellpuzzle_cli.prompts import record_messages
 from cellpuzzle_cli.rationale import MODES as RATIONALE_MODES
-from cellpuzzle_cli.split import holdout, read_training_records
+from cellpuzzle_cli.training_data import holdout, read_training_records
 
 if TYPE_CHECKING:
     from cellpuzzle_cli.runner import Job

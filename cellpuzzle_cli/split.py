@@ -29,9 +29,8 @@ CellPuzzles field names (``system_msg``, ``user_msg``, ``assistant_msg``) with t
 
 from __future__ import annotations
 
-import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -47,7 +46,6 @@ from cellpuzzle_cli.io import (
 )
 from cellpuzzle_cli.make_qa import IDS_FIELD, PUZZLES_FILE, seeded_rng
 from cellpuzzle_cli.prompts import (
-    check_answers,
     load_system_prompt,
     record_candidates,
     system_prompt,
@@ -61,7 +59,6 @@ if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts witho
 GROUP_BY = ("donor", "dataset", "cell")
 TRAIN_FILE = "train.jsonl"
 TEST_FILE = "test.jsonl"
-TRAINING_FIELDS = ("user_msg", "assistant_msg")  # what sft and to-parquet need
 REQUIRED_FIELDS = ("puzzle_id", "dataset", "group", "donor_id", "n", "cell_ids", "question",
                    "answer")
 
@@ -388,63 +385,6 @@ def split_puzzles(puzzles_path: Path, out_dir: Path, config: SplitSettings = Spl
         if progress:
             progress(1)
     return result
-
-
-# -- training data (read by sft, to-parquet and init-model) ----------------------------------------------------------------------------------
-def read_training_records(path: Path, required: Sequence[str] = TRAINING_FIELDS) -> list[dict[str, Any]]:
-    """Split records (JSONL, CellPuzzles-style JSON array or Parquet) with the chat fields checked."""
-    records = read_records(path)
-    if not records:
-        raise UserError(f"{path} holds no records. Point --data at a non-empty train split "
-                        "(e.g. the train.jsonl written by `cellpuzzle split`).")
-    present = set().union(*(r.keys() for r in records if isinstance(r, dict)))
-    missing = [f for f in required if any(not isinstance(r, dict) or r.get(f) in (None, "")
-                                          for r in records)]
-    if missing:
-        raise UserError(f"{path} lacks the field(s) {', '.join(missing)} in some or all records; it "
-                        f"has {', '.join(sorted(present)) or 'no fields'}. Training data needs "
-                        "user_msg and assistant_msg (system_msg optional): use the train.jsonl "
-                        "from `cellpuzzle split` or a CellPuzzles file.")
-    check_answers(records, path)
-    return records
-
-
-def holdout(records: Sequence[dict[str, Any]], size: float, seed: int,
-            group_key: str = "group") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Seeded (train, held-out) split; whole groups go to the held-out side when there are several.
-
-    `size` below 1 is a fraction of the records, otherwise a count. With three or more groups
-    (donors), whole groups are held out until the count is reached, so a held-out score cannot
-    reward memorised donors; with fewer, or records without a group, random puzzles are.
-    """
-    if size < 0:
-        raise UserError(f"The held-out size must be 0 or more, got {size}.")
-    n = len(records)
-    target = round(size * n) if size < 1 else int(size)
-    if size > 0:
-        target = max(target, 1)
-    if target == 0:
-        return list(records), []
-    if target >= n:
-        raise UserError(f"A held-out size of {size} leaves no training puzzles out of {n}. Use a "
-                        "smaller fraction (e.g. 0.1) or count.")
-    rng = random.Random(seed)
-    groups: dict[Any, list[int]] = {}
-    for i, rec in enumerate(records):
-        groups.setdefault(rec.get(group_key), []).append(i)
-    held: set[int] = set()
-    if len(groups) >= 3 and None not in groups:
-        order = sorted(groups, key=str)
-        rng.shuffle(order)
-        for g in order[:-1]:  # at least one group always stays in training
-            if len(held) >= target:
-                break
-            held.update(groups[g])
-    else:
-        held = set(rng.sample(range(n), target))
-    train = [r for i, r in enumerate(records) if i not in held]
-    val = [r for i, r in enumerate(records) if i in held]
-    return train, val
 
 
 def step(job: Job, progress: Progress) -> SplitResult:

@@ -101,7 +101,7 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], like: Any = None) -> A
 def to_parquet(data: Path, out: Path, settings: ToParquetSettings, overwrite: bool = False
                ) -> ToParquetResult:
     """Write `train.parquet` and `val.parquet` (and the resolved settings) to `out`."""
-    from cellpuzzle_cli.split import holdout, read_training_records
+    from cellpuzzle_cli.training_data import holdout, read_training_records
 
     check_settings(settings)
     records = read_training_records(data)

@@ -64,7 +64,7 @@ def test_closed_prompt_is_unchanged_and_open_prompt_states_the_rule():
 
 
 def test_training_data_check_takes_open_set_answers_and_refuses_broken_ones(tmp_path):
-    from cellpuzzle_cli.split import read_training_records
+    from cellpuzzle_cli.training_data import read_training_records
 
     records = open_records(6, seed=1)
     assert read_training_records(write_records(tmp_path / "ok.jsonl", records)) == records
