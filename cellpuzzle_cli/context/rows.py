@@ -138,22 +138,41 @@ def _read_dense_rows(spec: MatrixSpec, rows: np.ndarray) -> np.ndarray:
     return block
 
 
-def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int,
-              in_memory: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Top-k gene indices for `rows` of a matrix: (lengths per row, genes, negatives seen)."""
+def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int, in_memory: Any = None,
+              keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k gene indices for `rows` of a matrix: (lengths per row, genes, negatives seen).
+
+    `keep` (a boolean mask over the columns) ranks only those genes, e.g. the ones a
+    reference shares with the file (annotate).
+    """
     try:
         if in_memory is not None:
             sub = in_memory[rows]
             indptr, indices, values = sub.indptr.astype(np.int64), sub.indices, sub.data
         elif spec.kind == "dense":
             block = _read_dense_rows(spec, rows)
+            if keep is not None:
+                block = np.where(keep[None, :], block, 0)
             return (*topk_dense(block, k), int((block < 0).sum()))
         else:
             indptr, indices, values = _read_csr_rows(spec, rows)
     except (OSError, zlib.error) as exc:
         raise UserError(f"{spec.path}: reading {spec.label} failed ({exc}). The file is probably "
                         "truncated or damaged; download or write it again.") from exc
+    if keep is not None:
+        indptr, indices, values = _kept_columns(indptr, indices, values, keep)
     return (*topk_csr(indptr, indices, values, k), int((values < 0).sum()))
+
+
+def _kept_columns(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                  keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CSR block without the entries of columns outside `keep`."""
+    hit = keep[indices]
+    n_rows = indptr.size - 1
+    row = np.repeat(np.arange(n_rows), np.diff(indptr))
+    out = np.zeros(indptr.size, dtype=np.int64)
+    np.cumsum(np.bincount(row[hit], minlength=n_rows), out=out[1:])
+    return out, indices[hit], values[hit]
 
 
 def read_rows_csr(spec: MatrixSpec, rows: np.ndarray) -> Any:
