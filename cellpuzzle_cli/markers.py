@@ -181,11 +181,14 @@ class MarkerStats:
                 -1, summed.shape[1]), dtype=np.float32)
         return self._bands
 
-    def log_odds(self, cell_type: str) -> np.ndarray:
-        """Per gene of `self.genes`: the log-odds of being listed (deepest depth) in
-        `cell_type` minus the background's; positive for the type's markers."""
-        d = len(self.depths) - 1
-        return self._logit[d, self._row(cell_type)] - self._logit[d, len(self.types)]
+    def listing_gain(self, cell_type: str, depth: int | None = None) -> np.ndarray:
+        """Per gene of `self.genes`: how much more often `cell_type`'s cells list it within
+        `depth` (the deepest depth at most that; None: the deepest) than cells overall, as a
+        difference of shares (a housekeeping gene every cell lists gains nothing)."""
+        d = len(self.depths) - 1 if depth is None else max(
+            0, int(np.searchsorted(self.depths, depth, side="right")) - 1)
+        share = 1.0 / (1.0 + np.exp(-self._logit[d]))
+        return share[self._row(cell_type)] - share[len(self.types)]
 
     def evidence(self, genes: Sequence[str], cell_type: str, k: int = 3) -> list[str]:
         """Up to `k` genes of `genes` that are more frequent in `cell_type` than overall.

@@ -36,6 +36,7 @@ from cellpuzzle_cli.markers import MarkerStats
 CALIBRATION_CELLS = 20_000   # reference cells scored by the other fold's model to fit T
 MARKER_DEPTH = 25            # a cluster's markers: genes among its cells' first 25
 MARKERS_SHOWN = 5
+MARKER_SHARE = 0.25          # ... listed by at least this share of the cluster's cells
 
 
 class MarkerBackend:
@@ -141,12 +142,15 @@ class MarkerBackend:
         odds: dict[int, np.ndarray] = {}
 
         def markers(cluster: int, type_index: int) -> list[str]:
-            """The genes most often listed in the cluster that are markers of the type."""
+            """The type's most specific markers (listed by its cells more often than by cells
+            overall) among the genes a quarter or more of the cluster's cells list in their
+            first 25."""
             if type_index not in odds:
-                odds[type_index] = self.stats.log_odds(self.types[type_index])
+                odds[type_index] = self.stats.listing_gain(self.types[type_index], MARKER_DEPTH)
             row = listed.getrow(cluster)
-            genes, share = row.indices, row.data / max(1, sizes[cluster])
-            score = share * odds[type_index][genes]
+            common = row.data >= MARKER_SHARE * max(1, sizes[cluster])
+            genes = row.indices[common]
+            score = odds[type_index][genes]
             order = np.lexsort((genes, -score))
             return [str(self.vocab.genes[genes[i]]) for i in order[:MARKERS_SHOWN]
                     if score[i] > 0]

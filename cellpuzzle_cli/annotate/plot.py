@@ -72,7 +72,9 @@ def _draw(ax, panel: Panel, unassigned: str) -> None:
         ax.scatter(panel.xy[low, 0], panel.xy[low, 1], s=size * 0.8, marker="x", lw=0.5,
                    color="black", alpha=0.6,
                    label=f"confidence < {LOW_CONFIDENCE} ({int(low.sum()):,})")
-    for name in order:
+    for name in order:   # names on the plot for the larger groups; all are in the legend
+        if (panel.labels == name).sum() < 0.02 * panel.labels.size:
+            continue
         centre = np.median(panel.xy[panel.labels == name], axis=0)
         ax.text(centre[0], centre[1], name, fontsize=9, weight="bold", ha="center",
                 va="center", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.7,
