@@ -181,6 +181,18 @@ class MarkerStats:
                 -1, summed.shape[1]), dtype=np.float32)
         return self._bands
 
+    def specificity(self, genes: Sequence[str], cell_type: str) -> list[tuple[str, float]]:
+        """Each known gene of `genes` with its log-odds in `cell_type` minus the background's."""
+        d = len(self.depths) - 1
+        row, bg = self._logit[d, self._row(cell_type)], self._logit[d, len(self.types)]
+        scored = []
+        for g in dict.fromkeys(genes):
+            j = self._gene_index.get(g)
+            if j is not None:
+                scored.append((g, float(row[j] - bg[j])))
+        scored.sort(key=lambda x: -x[1])
+        return scored
+
     def listing_gain(self, cell_type: str, depth: int | None = None) -> np.ndarray:
         """Per gene of `self.genes`: how much more often `cell_type`'s cells list it within
         `depth` (the deepest depth at most that; None: the deepest) than cells overall, as a
