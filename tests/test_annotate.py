@@ -222,6 +222,53 @@ def test_build_context_folder_as_reference(pbmc, tmp_path):
     assert np.mean(pred == pbmc["truth"]) > 0.6
 
 
+def test_a_folder_of_queries_and_progress(pbmc, tmp_path):
+    import anndata
+
+    folder = tmp_path / "lab"
+    (folder / "day2").mkdir(parents=True)
+    query = anndata.read_h5ad(pbmc["query"])
+    query[:150].copy().write_h5ad(folder / "day1.h5ad")
+    query[150:].copy().write_h5ad(folder / "day2" / "sample.h5ad")
+    calls = []
+    result = run_annotate(folder, pbmc["ref"], tmp_path / "out", settings(plot=True),
+                          progress=lambda advance=1, total=None, description=None:
+                          calls.append((advance, total, description)))
+    assert [f.output for f in result.files] == ["day1.h5ad", "day2/sample.h5ad"]
+    assert annotated(tmp_path / "out", "day2/sample.h5ad").n_obs == 200
+    rows = (tmp_path / "out" / "clusters.tsv").read_text().splitlines()[1:]
+    assert {line.split("\t")[0] for line in rows} == {"day1.h5ad", "day2/sample.h5ad"}
+    assert result.summary()["files"][1]["cells"] == 200 and "seconds" not in \
+        result.summary()["files"][0]
+    assert any(d and d.startswith("score") for _, _, d in calls)
+
+
+def test_pre_0_7_file_is_rewritten_whole_and_keeps_its_label_column(pbmc, tmp_path):
+    """scanpy's own PBMC file has the old layout (obs as one table, raw.X) and still holds its
+    label column, which annotate ignores and keeps."""
+    import anndata
+
+    result = run_annotate(PBMC, pbmc["ref"], tmp_path / "out", settings())
+    before, after = anndata.read_h5ad(PBMC), annotated(tmp_path / "out", PBMC.name)
+    assert result.files[0].cells == 700
+    assert after.obs[LABELS].equals(before.obs[LABELS])
+    assert np.array_equal(after.X, before.X) and (after.raw.X != before.raw.X).nnz == 0
+    assert "cellpuzzle_label" in after.obs and "cellpuzzle" in after.uns
+
+
+def test_celltypist_from_a_build_context_folder_needs_its_h5ad_files(pbmc, tmp_path):
+    from cellpuzzle_cli.context import ContextConfig, build_context
+
+    build_context([pbmc["ref"]], tmp_path / "cells", ContextConfig(cell_type_col=LABELS,
+                                                                    workers=1))
+    refused(pbmc["query"], tmp_path / "cells", tmp_path / "no_files", "files it was built from",
+            backend="celltypist")
+    run_annotate(pbmc["query"], tmp_path / "cells", tmp_path / "out",
+                 settings(backend="celltypist"), reference_h5ads=[pbmc["ref"]])
+    pred, _ = labels_of(tmp_path / "out")
+    assert np.mean(pred == pbmc["truth"]) > 0.6
+
+
 # -- bad input: one paragraph, nothing written ----------------------------------------------
 def refused(query: Path, ref: Path | None, out: Path, *fragments: str, **kw) -> None:
     with pytest.raises(UserError) as info:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from cellpuzzle_cli.context.h5ad import (
@@ -108,7 +109,8 @@ def open_query(path: Path, root: Path, cluster_col: str | None, gene_col: str | 
             notes.append(f"{spec.label} is stored column-wise (CSC), so it was loaded whole into "
                          "memory; save the file with a CSR matrix for large data.")
             in_memory = read_elem(opened.h5[spec.key]).tocsr()
-        has_umap = "obsm" in opened.h5 and "X_umap" in opened.h5["obsm"]
+        obsm = opened.h5.get("obsm")
+        has_umap = isinstance(obsm, h5py.Group) and "X_umap" in obsm   # pre-0.7: a table
         kind = expression_kind(opened.h5, spec)
         rel = path.relative_to(root).as_posix()
         return QueryFile(path, rel, spec, genes, genes_from, kind, n_cells,
