@@ -21,9 +21,30 @@ from cellpuzzle_cli.annotate.query import QueryFile, log_normalised
 from cellpuzzle_cli.annotate.settings import AnnotateSettings
 from cellpuzzle_cli.io import Progress
 
-_BYTES_PER_VALUE = 24          # float32 + int32 per non-zero, about three copies at the peak
+_BYTES_PER_VALUE = 32          # float32 + int32 per non-zero, up to four copies at the peak
 _BYTES_PER_CELL = 4096         # PCA, neighbour graph and bookkeeping per cell
 _MIN_CLUSTER_CELLS = 10        # fewer cells: one cluster, no graph
+_EXACT_KNN_CELLS = 8192        # scanpy searches neighbours exactly below this many cells
+
+
+def _knn_matrix_class() -> type:
+    from pynndescent import PyNNDescentTransformer
+
+    class KnnMatrix(PyNNDescentTransformer):
+        """pynndescent's transformer returning scipy's csr_matrix: scanpy 1.11 calls
+        `getnnz` on the result, which the csr_array pynndescent 0.7 returns no longer has
+        under scipy 1.17 (scanpy's default path fails there above 8,191 cells)."""
+
+        def fit_transform(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
+            import scipy.sparse as sp
+
+            return sp.csr_matrix(super().fit_transform(X, y, **kwargs))
+
+    return KnnMatrix
+
+
+def _knn_transformer(**kwargs: Any) -> Any:
+    return _knn_matrix_class()(**kwargs)
 
 
 @dataclass
@@ -77,8 +98,10 @@ def cluster_query(query: QueryFile, settings: AnnotateSettings,
         blocks.append(log_normalised(query.read(chunk), query.kind))
         if progress:
             progress(chunk.size)
-    adata, genes = pca_space(sp.vstack(blocks, format="csr"), settings)
+    matrix = sp.vstack(blocks, format="csr")
     del blocks
+    adata, genes = pca_space(matrix, settings)
+    del matrix
     resolution = settings.resolution or overclustering_resolution(rows.size)
     leiden(adata, resolution, settings)
     labels = adata.obs["leiden"].astype(int).to_numpy()
@@ -140,6 +163,7 @@ def pca_space(matrix: Any, settings: AnnotateSettings) -> tuple[Any, np.ndarray]
 
     adata = anndata.AnnData(matrix)
     n_cells, n_genes = matrix.shape
+    del matrix                     # the caller drops its reference too: one copy at a time
     genes = np.arange(n_genes)
     if n_genes > settings.hvg_genes:
         sc.pp.highly_variable_genes(adata, n_top_genes=settings.hvg_genes)
@@ -147,9 +171,25 @@ def pca_space(matrix: Any, settings: AnnotateSettings) -> tuple[Any, np.ndarray]
         adata = adata[:, genes].copy()
     n_comps = max(1, min(settings.n_pcs, n_cells - 1, genes.size - 1))
     sc.pp.pca(adata, n_comps=n_comps, random_state=settings.seed)
-    sc.pp.neighbors(adata, n_neighbors=min(settings.n_neighbors, n_cells - 1), use_rep="X_pca",
-                    random_state=settings.seed)
+    neighbors(adata, settings)
     return adata, genes
+
+
+def neighbors(adata: Any, settings: AnnotateSettings) -> None:
+    """scanpy's neighbour graph on X_pca, with scanpy's own choice of search: exact below
+    8,192 cells, else pynndescent with UMAP's parameters (see `_knn_matrix_class`)."""
+    import scanpy as sc
+
+    n_cells = adata.n_obs
+    k = min(settings.n_neighbors, n_cells - 1)
+    transformer = None
+    if n_cells >= _EXACT_KNN_CELLS:
+        transformer = _knn_transformer(n_neighbors=k, metric="euclidean",
+                                       random_state=settings.seed,
+                                       n_trees=min(64, 5 + round(n_cells ** 0.5 / 20.0)),
+                                       n_iters=max(5, round(np.log2(n_cells))))
+    sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=settings.seed,
+                    transformer=transformer)
 
 
 def leiden(adata: Any, resolution: float, settings: AnnotateSettings) -> None:
