@@ -175,9 +175,13 @@ def pca_space(matrix: Any, settings: AnnotateSettings) -> tuple[Any, np.ndarray]
     return adata, genes
 
 
-def neighbors(adata: Any, settings: AnnotateSettings) -> None:
+def neighbors(adata: Any, settings: AnnotateSettings, method: str = "gauss") -> None:
     """scanpy's neighbour graph on X_pca, with scanpy's own choice of search: exact below
-    8,192 cells, else pynndescent with UMAP's parameters (see `_knn_matrix_class`)."""
+    8,192 cells, else pynndescent with UMAP's parameters (see `_knn_matrix_class`).
+
+    Clustering weighs the edges with scanpy's Gaussian kernel: UMAP's weights (`method="umap"`,
+    used for the plot) cost a numba compilation of 5-10 s in every new process, a long wait
+    for a 2,000-cell query, for clusters that serve the report and the join."""
     import scanpy as sc
 
     n_cells = adata.n_obs
@@ -189,7 +193,7 @@ def neighbors(adata: Any, settings: AnnotateSettings) -> None:
                                        n_trees=min(64, 5 + round(n_cells ** 0.5 / 20.0)),
                                        n_iters=max(5, round(np.log2(n_cells))))
     sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=settings.seed,
-                    transformer=transformer)
+                    transformer=transformer, method=method)
 
 
 def leiden(adata: Any, resolution: float, settings: AnnotateSettings) -> None:
