@@ -125,7 +125,7 @@ def test_annotated_file_opens_in_scanpy_with_the_new_columns(pbmc, default_run):
     meta = after.uns["cellpuzzle"]
     assert meta["backend"] == "baseline" and int(meta["seed"]) == 0
     assert set(meta["candidates"]) == set(np.unique(anndata.read_h5ad(pbmc["ref"]).obs[LABELS]))
-    assert "version" in meta and "model" in meta
+    assert "version" in meta and "model" in meta and meta["reference"] == str(pbmc["ref"])
     clusters = (default_run / "clusters.tsv").read_text().splitlines()
     assert clusters[0].split("\t")[:4] == ["file", "cluster", "cells", "label"]
     assert len(clusters) - 1 == after.obs["cellpuzzle_cluster"].cat.categories.size

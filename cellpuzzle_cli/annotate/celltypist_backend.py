@@ -34,7 +34,12 @@ def quiet_celltypist() -> Any:
     """celltypist, imported without its logging set-up (predict's helper)."""
     from cellpuzzle_cli.predict.celltypist_backend import _quiet_import
 
-    return _quiet_import()
+    try:
+        return _quiet_import()
+    except ImportError as exc:
+        raise UserError(f"--backend celltypist needs CellTypist, which is not installed ({exc}). "
+                        "Install the evaluation extra (pip install 'cellpuzzle[eval]'), or use "
+                        "--backend baseline.") from exc
 
 
 class CellTypistBackend:

@@ -101,9 +101,10 @@ def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: 
                                labelled(progress, "reference"))
             names, columns = _candidates(backend, settings, ref)
             results, rows, panels = [], [], []
+            made_from = str(reference) if reference is not None else str(settings.celltypist_model)
             for q in queries:
                 result, table, panel = _annotate_file(q, backend, names, columns, settings, pool,
-                                                      tmp, progress)
+                                                      tmp, made_from, progress)
                 results.append(result)
                 rows.extend(table)
                 panels.append(panel)
@@ -217,7 +218,7 @@ def _candidates(backend: Backend, settings: AnnotateSettings,
 
 
 def _annotate_file(q: QueryFile, backend: Backend, names: list[str], columns: np.ndarray,
-                   settings: AnnotateSettings, pool: Any, tmp: Path,
+                   settings: AnnotateSettings, pool: Any, tmp: Path, reference: str,
                    progress: Progress | None) -> tuple[FileResult, list[dict[str, Any]], Any]:
     started = time.perf_counter()
     if q.clusters is not None:
@@ -238,7 +239,7 @@ def _annotate_file(q: QueryFile, backend: Backend, names: list[str], columns: np
                       settings.min_confidence)
     notes = list(q.notes) + ([clustering.note] if clustering.note else [])
     label_names, label_codes = _label_codes(decision.labels, names)
-    uns = _uns(backend, names, settings, how, notes)
+    uns = _uns(backend, reference, names, settings, how, notes)
     write_annotated(q.path, tmp / q.output, obs_columns(label_names, label_codes,
                                                         decision.confidence, clustering.names,
                                                         clustering.codes), uns)
@@ -261,15 +262,19 @@ def _label_codes(labels: np.ndarray, names: list[str]) -> tuple[list[str], np.nd
     return cats, remap[np.where(labels >= 0, labels, len(names))]
 
 
-def _uns(backend: Backend, names: list[str], settings: AnnotateSettings, how: str,
-         notes: list[str]) -> dict[str, Any]:
+def _uns(backend: Backend, reference: str, names: list[str], settings: AnnotateSettings,
+         how: str, notes: list[str]) -> dict[str, Any]:
+    """uns['cellpuzzle']: how the labels were made (the reference as it was given)."""
     from cellpuzzle_cli import __version__
 
-    return {"backend": backend.name, "model": backend.model_label,
-            "candidates": np.asarray(names, dtype=str), "seed": settings.seed,
-            "version": __version__, "label_by": "cluster" if settings.by_cluster else "cell",
-            "one_to_one": settings.one_to_one, "min_confidence": settings.min_confidence,
-            "clustering": how, "notes": np.asarray(notes or [""], dtype=str)}
+    uns = {"backend": backend.name, "model": backend.model_label, "reference": reference,
+           "candidates": np.asarray(names, dtype=str), "seed": settings.seed,
+           "version": __version__, "label_by": "cluster" if settings.by_cluster else "cell",
+           "one_to_one": settings.one_to_one, "min_confidence": settings.min_confidence,
+           "clustering": how}
+    if notes:
+        uns["notes"] = np.asarray(notes, dtype=str)
+    return uns
 
 
 def _cluster_rows(q: QueryFile, clustering: Clustering, decision: Decision, evidence: Evidence,
