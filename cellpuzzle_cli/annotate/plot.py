@@ -53,13 +53,19 @@ def plot_annotation(path: Path, panels: Sequence[Panel], unassigned: str) -> Non
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def _palette(plt, n: int) -> list:
+    """tab10 (tab20 beyond 10 labels) without its greys, which `unassigned` uses."""
+    colours = [c for c in plt.get_cmap("tab10" if n <= 9 else "tab20").colors
+               if len({round(v, 2) for v in c}) > 1]
+    return [colours[i % len(colours)] for i in range(n)]
+
+
 def _draw(ax, panel: Panel, unassigned: str) -> None:
     import matplotlib.pyplot as plt
 
     names, counts = np.unique(panel.labels, return_counts=True)
     order = [names[i] for i in np.lexsort((names, -counts)) if names[i] != unassigned]
-    palette = plt.get_cmap("tab20" if len(order) > 10 else "tab10")
-    colours = {name: palette(i % palette.N) for i, name in enumerate(order)}
+    colours = dict(zip(order, _palette(plt, len(order))))
     size = float(np.clip(12_000 / max(1, panel.labels.size), 1.0, 30.0))
     for name in [unassigned, *order]:
         hit = panel.labels == name
@@ -73,7 +79,7 @@ def _draw(ax, panel: Panel, unassigned: str) -> None:
                    color="black", alpha=0.6,
                    label=f"confidence < {LOW_CONFIDENCE} ({int(low.sum()):,})")
     for name in order:   # names on the plot for the larger groups; all are in the legend
-        if (panel.labels == name).sum() < 0.02 * panel.labels.size:
+        if (panel.labels == name).sum() < 0.01 * panel.labels.size:
             continue
         centre = np.median(panel.xy[panel.labels == name], axis=0)
         ax.text(centre[0], centre[1], name, fontsize=9, weight="bold", ha="center",
