@@ -260,7 +260,7 @@ def test_celltypist_normalises_counts_tpm_and_log_data_alike():
     import scipy.sparse as sp
 
     from cellpuzzle_cli.build_context.values import MatrixValues
-    from cellpuzzle_cli.predict.celltypist_backend import normalise
+    from cellpuzzle_cli.build_context.values import log1p_cp10k as normalise
 
     counts = sp.csr_matrix(np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 5.0]]))
     expected = np.log1p(counts.toarray() / counts.toarray().sum(1, keepdims=True) * 1e4)

@@ -159,9 +159,13 @@ def _stats(values: np.ndarray, row_of: Callable[[int], int]) -> ChunkStats:
     return ChunkStats(negatives, int(np.count_nonzero(bad)), row_of(int(np.argmax(bad))))
 
 
-def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int,
-              in_memory: Any = None) -> tuple[np.ndarray, np.ndarray, ChunkStats]:
-    """Top-k gene indices for `rows` of a matrix: (lengths per row, genes, what was seen)."""
+def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int, in_memory: Any = None,
+              keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, ChunkStats]:
+    """Top-k gene indices for `rows` of a matrix: (lengths per row, genes, what was seen).
+
+    `keep` (a boolean mask over the columns) ranks only those genes, e.g. the ones a
+    reference shares with the file (annotate); what was seen covers every column.
+    """
     try:
         if in_memory is not None:
             sub = in_memory[rows]
@@ -169,6 +173,8 @@ def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int,
         elif spec.kind == "dense":
             block = _read_dense_rows(spec, rows)
             stats = _stats(block.reshape(-1), lambda i: i // max(1, block.shape[1]))
+            if keep is not None:
+                block = np.where(keep[None, :], block, 0)
             return (*topk_dense(block, k), stats)
         else:
             indptr, indices, values = _read_csr_rows(spec, rows)
@@ -176,7 +182,20 @@ def topk_task(spec: MatrixSpec, rows: np.ndarray, k: int,
         raise UserError(f"{spec.path}: reading {spec.label} failed ({exc}). The file is probably "
                         "truncated or damaged; download or write it again.") from exc
     stats = _stats(values, lambda i: int(np.searchsorted(indptr, i, side="right")) - 1)
+    if keep is not None:
+        indptr, indices, values = _kept_columns(indptr, indices, values, keep)
     return (*topk_csr(indptr, indices, values, k), stats)
+
+
+def _kept_columns(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                  keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CSR block without the entries of columns outside `keep`."""
+    hit = keep[indices]
+    n_rows = indptr.size - 1
+    row = np.repeat(np.arange(n_rows), np.diff(indptr))
+    out = np.zeros(indptr.size, dtype=np.int64)
+    np.cumsum(np.bincount(row[hit], minlength=n_rows), out=out[1:])
+    return out, indices[hit], values[hit]
 
 
 def read_rows_csr(spec: MatrixSpec, rows: np.ndarray) -> Any:

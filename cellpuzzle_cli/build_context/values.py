@@ -95,3 +95,32 @@ def _one_total(values: np.ndarray, starts: np.ndarray) -> float | None:
     if sums.size < 2 or sums.max() - sums.min() > _SUM_TOLERANCE * sums.max():
         return None
     return float(f"{np.median(sums):.4g}")
+
+
+TARGET_SUM = 1e4   # log1p(counts per 10,000): scanpy's default scale, and CellTypist's
+
+
+def log1p_cp10k(block: Any, values: MatrixValues) -> Any:
+    """Rows as log1p(counts per 10,000), float32 CSR, with scanpy's own functions, from what the
+    matrix holds (`values`, as `probe_values` tells it for the whole file): counts and
+    normalised (TPM/CPM-like) values are proportional to counts already; log-normalised values
+    are undone with expm1 first; scaled values cannot be brought back and are refused. Per-row
+    operations only, so any chunking gives the same values."""
+    import anndata
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    from cellpuzzle_cli.errors import UserError
+
+    if values.kind == "scaled":
+        raise UserError("This needs unscaled expression, and the matrix holds scaled values "
+                        "(negative numbers). Keep counts or log-normalised values in X, .raw.X "
+                        "or layers['counts'] of the .h5ad file.")
+    block = sp.csr_matrix(block, dtype=np.float32, copy=True)
+    block.data = np.maximum(np.nan_to_num(block.data), 0)
+    if values.kind == "log-normalised":
+        block.data = np.expm1(block.data)
+    adata = anndata.AnnData(block)
+    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+    sc.pp.log1p(adata)
+    return sp.csr_matrix(adata.X, dtype=np.float32)

@@ -32,7 +32,6 @@ from cellpuzzle_cli.answer import format_prediction
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Generation
 
-TARGET_SUM = 1e4        # CellTypist's expected normalisation: counts per cell before log1p
 _UNKNOWN_SCORE = -50.0  # log-probability of a candidate type the model never saw in training
 
 
@@ -83,6 +82,7 @@ def open_source(dataset: str, path: Path) -> CellSource:
 def read_expression(source: CellSource, cell_ids: Sequence[str]) -> Any:
     """The cells' rows (in the order given) as CSR, log1p of counts per 10,000."""
     from cellpuzzle_cli.build_context.rows import read_rows_csr
+    from cellpuzzle_cli.build_context.values import log1p_cp10k
 
     missing = [c for c in cell_ids if c not in source.rows]
     if missing:
@@ -92,31 +92,7 @@ def read_expression(source: CellSource, cell_ids: Sequence[str]) -> Any:
     wanted = np.asarray([source.rows[c] for c in cell_ids], dtype=np.int64)
     unique, back = np.unique(wanted, return_inverse=True)
     block = read_rows_csr(source.spec, unique)
-    return normalise(block, source.values)[back]
-
-
-def normalise(block: Any, values: Any) -> Any:
-    """log1p(counts / total × 10,000) per cell, from what the matrix holds (`values`, a
-    `context.values.MatrixValues`, as `probe_values` tells it for the whole file).
-
-    Counts and normalised (TPM/CPM-like) values are proportional to counts already; log-normalised
-    values are undone with expm1 first. Scaled values cannot be brought back, so are refused.
-    """
-    import scipy.sparse as sp
-
-    if values.kind == "scaled":
-        raise UserError("CellTypist needs unscaled expression, and the matrix holds scaled "
-                        "values (negative numbers). Keep counts or log-normalised values in X, "
-                        ".raw.X or layers['counts'] of the .h5ad files.")
-    block = sp.csr_matrix(block, dtype=np.float64)
-    block.data = np.maximum(np.nan_to_num(block.data), 0.0)
-    if values.kind == "log-normalised":
-        block.data = np.expm1(block.data)
-    totals = np.asarray(block.sum(axis=1)).reshape(-1)
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-    block = sp.csr_matrix(sp.diags(scale) @ block)
-    block.data = np.log1p(block.data)
-    return block
+    return log1p_cp10k(block, source.values)[back]
 
 
 def _quiet_import() -> Any:

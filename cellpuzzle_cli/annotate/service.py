@@ -1,0 +1,322 @@
+"""run_annotate: one query (file or folder) against a reference, published atomically."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellpuzzle_cli.annotate.cluster import Clustering, cluster_query, given_clusters
+from cellpuzzle_cli.annotate.decide import UNASSIGNED, Decision, decide, smooth
+from cellpuzzle_cli.annotate.evidence import Backend, Evidence
+from cellpuzzle_cli.annotate.output import obs_columns, write_annotated, write_clusters
+from cellpuzzle_cli.annotate.query import QueryFile, naming, open_query
+from cellpuzzle_cli.annotate.ranks import Vocabulary
+from cellpuzzle_cli.annotate.reference import Reference, open_reference
+from cellpuzzle_cli.annotate.settings import SCORE_BACKENDS, AnnotateSettings
+from cellpuzzle_cli.config import check_settings, save_settings
+from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, labelled
+from cellpuzzle_cli.markers import type_key
+
+
+@dataclass
+class FileResult:
+    """What happened to one query file."""
+
+    input: str
+    output: str
+    cells: int
+    clusters: int
+    clustering: str
+    assigned: int
+    labels: dict[str, int]
+    mean_confidence: float
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class AnnotateResult:
+    """What one annotate run wrote (the CLI prints it; the manifest keeps `summary()`)."""
+
+    out_dir: Path
+    backend: str
+    model: str
+    reference: str
+    candidates: list[str]
+    label_by: str
+    files: list[FileResult]
+    warnings: list[str]
+    seconds: float
+
+    @property
+    def cells(self) -> int:
+        return sum(f.cells for f in self.files)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and choices, no timings (equal runs give equal summaries)."""
+        return {"backend": self.backend, "model": self.model, "reference": self.reference,
+                "candidates": list(self.candidates), "label_by": self.label_by,
+                "files": [{k: v for k, v in asdict(f).items() if k != "seconds"}
+                          for f in self.files], "warnings": list(self.warnings)}
+
+
+def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: Path,
+                 settings: AnnotateSettings | None = None, *,
+                 reference_h5ads: Sequence[Path] = (), overwrite: bool = False,
+                 progress: Progress | None = None) -> AnnotateResult:
+    """Label every cell of the query's `.h5ad` file(s) with the reference's types.
+
+    `reference`: a labelled `.h5ad` (file or folder) or a build-context output folder; for
+    `--backend celltypist` from a build-context folder, `reference_h5ads` are the files it was
+    built from. Writes into `out_dir` (atomically): each query file with the new obs columns
+    and uns['cellpuzzle'], clusters.tsv, annotate.png and annotate.yaml.
+    """
+    started = time.perf_counter()
+    settings = check_settings(settings or AnnotateSettings())
+    if settings.backend not in SCORE_BACKENDS:
+        raise UserError(f"--backend {settings.backend} (a trained model answering puzzles) is "
+                        "not available in annotate yet. Use --backend baseline or celltypist.")
+    inputs = [query] if isinstance(query, (str, Path)) else list(query)
+    files = find_files([Path(p) for p in inputs], (".h5ad",), "query")
+    if not files:
+        raise UserError(f"No .h5ad files found in {', '.join(map(str, inputs))}. Point annotate "
+                        "at an .h5ad file or a folder that holds them.")
+    warnings: list[str] = []
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        queries = [open_query(path, root, settings.cluster_col, settings.gene_col,
+                              settings.chunk_cells) for path, root in files]
+        _check_outputs(queries)
+        ref = _reference(reference, settings)
+        if ref is not None:
+            warnings.extend(ref.notes)
+        pool, depth = _pool(settings, queries, ref)
+        try:
+            backend = _backend(ref, queries, settings, reference_h5ads, pool, depth, warnings,
+                               labelled(progress, "reference"))
+            names, columns = _candidates(backend, settings, ref)
+            results, rows, panels = [], [], []
+            made_from = str(reference) if reference is not None else str(settings.celltypist_model)
+            for q in queries:
+                result, table, panel = _annotate_file(q, backend, names, columns, settings, pool,
+                                                      tmp, made_from, progress)
+                results.append(result)
+                rows.extend(table)
+                panels.append(panel)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            from cellpuzzle_cli.build_context.rows import close_cached_files
+
+            close_cached_files()
+        write_clusters(tmp / "clusters.tsv", rows)
+        if settings.plot:
+            from cellpuzzle_cli.annotate.plot import plot_annotation
+
+            plot_annotation(tmp / "annotate.png", panels, UNASSIGNED)
+        save_settings(tmp, "annotate", settings)
+    return AnnotateResult(Path(out_dir), backend.name, backend.model_label,
+                          str(reference) if reference is not None else "", names,
+                          "cluster" if settings.by_cluster else "cell", results, warnings,
+                          time.perf_counter() - started)
+
+
+def _reference(path: Path | None, settings: AnnotateSettings) -> Reference | None:
+    if path is None:
+        if settings.backend == "celltypist" and settings.celltypist_model is not None:
+            return None
+        raise UserError("annotate needs labelled data to learn from: pass --reference with a "
+                        "labelled .h5ad (file or folder) or a build-context output folder"
+                        + (", or a CellTypist model file" if settings.backend == "celltypist"
+                           else "") + ".")
+    return open_reference(Path(path), settings)
+
+
+def _check_outputs(queries: list[QueryFile]) -> None:
+    names = {"clusters.tsv", "annotate.png", "annotate.yaml"}
+    for q in queries:
+        if q.output in names:
+            raise UserError(f"The query {q.path} would be written as {q.output}, a name annotate "
+                            "uses for its own files. Rename the query file.")
+
+
+def _pool(settings: AnnotateSettings, queries: list[QueryFile],
+          ref: Reference | None) -> tuple[Any, int]:
+    """build-context's worker processes for ranking rows (baseline only), when worth it."""
+    from cellpuzzle_cli.build_context.build import _pool as start_pool
+    from cellpuzzle_cli.build_context.build import default_workers
+
+    workers = settings.workers or default_workers()
+    chunks = sum(-(-q.n_cells // q.chunk_cells) for q in queries if q.in_memory is None)
+    if ref is not None and ref.kind == "h5ad":
+        chunks += sum(1 for f in ref.files if f.plan.in_memory is None for _ in f.plan.chunks())
+    if settings.backend != "baseline" or workers < 2 or chunks < 4:
+        return None, 2
+    return start_pool(workers), 2 * workers + 2
+
+
+def _backend(ref: Reference | None, queries: list[QueryFile], settings: AnnotateSettings,
+             reference_h5ads: Sequence[Path], pool: Any, depth: int, warnings: list[str],
+             progress: Progress | None) -> Backend:
+    query_genes = {str(g) for q in queries for g in q.genes}
+    if settings.backend == "celltypist":
+        from cellpuzzle_cli.annotate.celltypist_backend import CellTypistBackend
+
+        if ref is not None and ref.kind == "h5ad":
+            _shared_genes(queries, ref, query_genes)
+        backend = CellTypistBackend(ref, query_genes, settings, reference_h5ads, warnings,
+                                    progress)
+        if not query_genes & set(backend.features.tolist()):
+            raise UserError(_no_shared(queries, "the CellTypist model", backend.features.size,
+                                       naming(backend.features), "its feature names"))
+        return backend
+    from cellpuzzle_cli.annotate.baseline_backend import MarkerBackend
+
+    vocab = _shared_genes(queries, ref, query_genes)
+    return MarkerBackend(ref, vocab, settings, pool, depth, warnings, progress)
+
+
+def _shared_genes(queries: list[QueryFile], ref: Reference, query_genes: set[str]) -> Vocabulary:
+    shared = sorted(query_genes & {str(g) for g in ref.genes})
+    if not shared:
+        raise UserError(_no_shared(queries, f"the reference {ref.path}", ref.genes.size,
+                                   ref.genes_from.split(" from ")[0],
+                                   ref.genes_from.split(" from ")[-1]))
+    return Vocabulary(np.asarray(shared, dtype=object))
+
+
+def _no_shared(queries: list[QueryFile], what: str, n_ref: int, ref_naming: str,
+               ref_from: str) -> str:
+    q = queries[0]
+    return (f"The query {q.path} and {what} share no gene name: the query has "
+            f"{q.genes.size:,} genes ({naming(q.genes)}, from {q.genes_from}), {what} "
+            f"{n_ref:,} ({ref_naming}, from {ref_from}). Give both the same naming: pass "
+            "--gene-col with the var column that holds gene symbols (CELLxGENE's "
+            "feature_name), or convert Ensembl IDs to symbols before annotating.")
+
+
+def _candidates(backend: Backend, settings: AnnotateSettings,
+                ref: Reference | None) -> tuple[list[str], np.ndarray]:
+    """Candidate names (as the user wrote them) and their columns in the evidence."""
+    index = {type_key(t): i for i, t in enumerate(backend.types)}
+    if settings.candidates is None:
+        return list(backend.types), np.arange(len(backend.types))
+    names = [" ".join(c.split()) for c in settings.candidates]
+    missing = [n for n in names if type_key(n) not in index]
+    if missing:
+        where = f"the reference {ref.path}" if ref is not None else "the CellTypist model"
+        raise UserError(f"The candidate '{missing[0]}' is not a cell type of {where} "
+                        f"({len(missing)} such). Its types are: {', '.join(backend.types)}. "
+                        "Use those names (case is ignored), or add labelled cells of that type "
+                        "to the reference.")
+    return names, np.asarray([index[type_key(n)] for n in names], dtype=np.int64)
+
+
+def _annotate_file(q: QueryFile, backend: Backend, names: list[str], columns: np.ndarray,
+                   settings: AnnotateSettings, pool: Any, tmp: Path, reference: str,
+                   progress: Progress | None) -> tuple[FileResult, list[dict[str, Any]], Any]:
+    started = time.perf_counter()
+    if q.clusters is not None:
+        clustering = given_clusters(q)
+        how = f"obs['{settings.cluster_col}']"
+    else:
+        clustering = cluster_query(q, settings, labelled(progress, f"cluster {q.output}"))
+        how = f"Leiden, resolution {clustering.resolution:g}" if clustering.resolution else \
+            "one cluster"
+    n_clusters = len(clustering.names)
+    step = labelled(progress, f"score {q.output}")
+    if step:
+        step(0, total=q.n_cells)
+    evidence = backend.evidence(q, clustering.codes, n_clusters, pool, step)
+    prob = evidence.prob if settings.by_cluster else smooth(evidence.prob, clustering,
+                                                              settings.smooth_neighbors)
+    decision = decide(prob, columns, clustering, settings.by_cluster, settings.one_to_one,
+                      settings.min_confidence)
+    notes = list(q.notes) + ([clustering.note] if clustering.note else [])
+    label_names, label_codes = _label_codes(decision.labels, names)
+    uns = _uns(backend, reference, names, settings, how, notes)
+    write_annotated(q.path, tmp / q.output, obs_columns(label_names, label_codes,
+                                                        decision.confidence, clustering.names,
+                                                        clustering.codes), uns)
+    counts = {name: int((label_codes == i).sum()) for i, name in enumerate(label_names)}
+    result = FileResult(str(q.path), q.output, q.n_cells, n_clusters,
+                        f"{how} ({n_clusters} clusters)", int((decision.labels >= 0).sum()),
+                        counts, float(decision.confidence.mean()), notes,
+                        time.perf_counter() - started)
+    table = _cluster_rows(q, clustering, decision, evidence, names, columns)
+    return result, table, _panel(q, clustering, decision, names, settings, backend)
+
+
+def _label_codes(labels: np.ndarray, names: list[str]) -> tuple[list[str], np.ndarray]:
+    """Categories for the label column: the candidates used (in the candidates' order), then
+    'unassigned' if any cell is."""
+    used = [i for i in range(len(names)) if (labels == i).any()]
+    cats = [names[i] for i in used] + ([UNASSIGNED] if (labels < 0).any() else [])
+    remap = np.full(len(names) + 1, len(used), dtype=np.int32)
+    remap[used] = np.arange(len(used))
+    return cats, remap[np.where(labels >= 0, labels, len(names))]
+
+
+def _uns(backend: Backend, reference: str, names: list[str], settings: AnnotateSettings,
+         how: str, notes: list[str]) -> dict[str, Any]:
+    """uns['cellpuzzle']: how the labels were made (the reference as it was given)."""
+    from cellpuzzle_cli import __version__
+
+    uns = {"backend": backend.name, "model": backend.model_label, "reference": reference,
+           "candidates": np.asarray(names, dtype=str), "seed": settings.seed,
+           "version": __version__, "label_by": "cluster" if settings.by_cluster else "cell",
+           "one_to_one": settings.one_to_one, "min_confidence": settings.min_confidence,
+           "clustering": how}
+    if notes:
+        uns["notes"] = np.asarray(notes, dtype=str)
+    return uns
+
+
+def _cluster_rows(q: QueryFile, clustering: Clustering, decision: Decision, evidence: Evidence,
+                  names: list[str], columns: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    sizes = np.bincount(clustering.codes, minlength=len(clustering.names))
+    conf = np.bincount(clustering.codes, weights=decision.confidence,
+                       minlength=len(clustering.names))
+    unassigned = np.bincount(clustering.codes, weights=(decision.labels < 0).astype(float),
+                             minlength=len(clustering.names))
+    for c, name in enumerate(clustering.names):
+        label = int(decision.cluster_labels[c])
+        votes = decision.votes[c, :-1].astype(float)
+        size = max(1, int(sizes[c]))
+        if label >= 0:
+            votes_other = votes.copy()
+            votes_other[label] = -1
+        else:
+            votes_other = votes
+        runner = int(votes_other.argmax()) if votes_other.size else -1
+        rows.append({"file": q.output, "cluster": name, "cells": int(sizes[c]),
+                     "label": names[label] if label >= 0 else UNASSIGNED,
+                     "confidence": float(conf[c] / size),
+                     "share": float((votes[label] if label >= 0 else decision.votes[c, -1]) / size),
+                     "runner_up": names[runner] if runner >= 0 and votes_other[runner] > 0 else "",
+                     "runner_up_share": float(max(0.0, votes_other[runner]) / size)
+                     if runner >= 0 else 0.0,
+                     "unassigned_cells": int(unassigned[c]),
+                     "markers": evidence.markers(c, int(columns[label])) if label >= 0 else []})
+    return rows
+
+
+def _panel(q: QueryFile, clustering: Clustering, decision: Decision, names: list[str],
+           settings: AnnotateSettings, backend: Backend) -> Any:
+    if not settings.plot:
+        return None
+    from cellpuzzle_cli.annotate.embed import plot_positions
+    from cellpuzzle_cli.annotate.plot import Panel
+
+    rows, xy, axes = plot_positions(q, clustering, settings)
+    labels = np.asarray([names[i] if i >= 0 else UNASSIGNED for i in decision.labels[rows]],
+                        dtype=object)
+    title = (f"{q.output}: {backend.name}, {q.n_cells:,} cells"
+             + (f" ({rows.size:,} drawn)" if rows.size < q.n_cells else ""))
+    return Panel(title, xy, labels, decision.confidence[rows], axes)
