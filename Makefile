@@ -40,7 +40,8 @@ bench: install
 
 # The whole pipeline on scanpy's bundled PBMC set (700 cells, 10 types, one donor), on CPU, with
 # the settings of configs/recipes/tiny-pbmc: baseline, a from-scratch model after SFT, and after
-# GRPO, scored side by side on the same held-out puzzles (demo/score.json, .png, .html).
+# GRPO, scored side by side on the same held-out puzzles (demo/score.json, .png, .html); then
+# the held-out cells annotated as a new sample by the baseline and by the RL model (demo/annotate-*).
 # One torch thread: same numbers on any machine, and no slower for a model this small.
 PBMC = $$($(BIN)/python -c 'import pathlib, scanpy; print(pathlib.Path(scanpy.__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad")')
 RECIPE := configs/recipes/tiny-pbmc
@@ -61,6 +62,12 @@ demo: install
 	$(DEMO_CP) predict --model $(DEMO)/rl-model -o $(DEMO)/preds-rl --config $(RECIPE)/predict.yaml
 	$(DEMO_CP) score $(DEMO)/preds-baseline $(DEMO)/preds-sft $(DEMO)/preds-rl \
 	    --json $(DEMO)/score.json --plot $(DEMO)/score.png --html $(DEMO)/score.html
+	# the last mile: the held-out cells as a new, unlabeled sample, annotated two ways
+	$(BIN)/python $(RECIPE)/holdout.py "$(PBMC)" $(DEMO)/splits $(DEMO)/sample
+	$(DEMO_CP) annotate $(DEMO)/sample/query.h5ad --reference $(DEMO)/sample/reference.h5ad \
+	    -o $(DEMO)/annotate-baseline --config $(RECIPE)/annotate.yaml
+	$(DEMO_CP) annotate $(DEMO)/sample/query.h5ad --backend hf --model $(DEMO)/rl-model \
+	    -o $(DEMO)/annotate-rl --config $(RECIPE)/annotate.yaml
 	$(DEMO_CP) manifest
 
 clean:

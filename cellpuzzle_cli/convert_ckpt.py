@@ -274,10 +274,12 @@ def convert_checkpoint(checkpoint: Path, output: Path, dtype: str = "auto", over
         raise UserError(f"{actor} has no huggingface/config.json, so the model architecture is "
                         "unknown. verl writes it on every save; copy it with the shards.")
     states = []
+    if progress:
+        progress(0, total=world_size + 1)
     for f in files:
         states.append(load_shard(f))
         if progress:
-            progress(1, total=world_size + 1, description=f"loading {f.name}")
+            progress(1, description=f"loading {f.name}")
     merged = merge_shards(states)
     del states
     if cast is not None:

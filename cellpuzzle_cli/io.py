@@ -24,7 +24,8 @@ from cellpuzzle_cli.errors import UserError, existing_path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-# What services accept to report progress: `progress(advance, total=…, description=…)`.
+# What services accept to report progress: `progress(advance, total=…, description=…)`. A call
+# that gives `total` starts a phase: the bar restarts at `advance` of `total`.
 Progress = Callable[..., None]
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
 

@@ -56,6 +56,7 @@ class Kind(str, Enum):
     PREDICTIONS = "predictions"
     REPORT = "report"
     PLOT = "plot"
+    ANNOTATIONS = "annotations"
 
 
 

@@ -11,7 +11,7 @@ import pytest
 from fixtures import run_cli
 
 COMMANDS = ["build-context", "make-qa", "split", "init-model", "sft", "merge-lora", "to-parquet",
-            "rl grpo", "rl ppo", "convert-ckpt", "predict", "score", "manifest"]
+            "rl grpo", "rl ppo", "convert-ckpt", "predict", "score", "annotate", "manifest"]
 
 
 def test_help_lists_every_command_quickly():

@@ -50,26 +50,22 @@ def test_yaml_must_be_safe(tmp_path):
 
 
 def test_the_shipped_recipe_files_are_valid_settings_for_their_commands():
-    """`make demo` loads these with --config: a renamed key must fail here, not 12 minutes in."""
+    """`make demo` loads these with --config: a renamed key must fail here, not 12 minutes in.
+    Each file is named after its command (`rl-grpo.yaml` for `rl grpo`) and layered as that
+    command layers it."""
     from pathlib import Path
 
-    from cellpuzzle_cli.build_context import ContextSettings
     from cellpuzzle_cli.config import layer_settings
-    from cellpuzzle_cli.init_model import InitModelSettings
-    from cellpuzzle_cli.make_qa import MakeQaSettings
-    from cellpuzzle_cli.predict.settings import PredictSettings
-    from cellpuzzle_cli.rl.settings import load_settings
-    from cellpuzzle_cli.sft import SftSettings
-    from cellpuzzle_cli.split import SplitSettings
-    from cellpuzzle_cli.to_parquet import ToParquetSettings
+    from cellpuzzle_cli.steps import STEPS
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny-pbmc"
-    classes = {"build-context": ContextSettings, "make-qa": MakeQaSettings, "split": SplitSettings,
-               "init-model": InitModelSettings, "sft": SftSettings, "predict": PredictSettings,
-               "to-parquet": ToParquetSettings}
-    assert {p.stem for p in recipe.glob("*.yaml")} == {*classes, "rl-grpo"}
-    for step, cls in classes.items():
-        layer_settings(cls, recipe / f"{step}.yaml")
-    assert (recipe / layer_settings(SplitSettings, recipe / "split.yaml").system_prompt_file.name).is_file()
-    rl = load_settings("grpo", recipe / "rl-grpo.yaml", {})
-    assert rl.ours.backend == "trl"
+    commands = {name.replace(" ", "-"): spec for name, spec in STEPS.items()}
+    loaded = {}
+    for file in sorted(recipe.glob("*.yaml")):
+        spec = commands[file.stem]
+        loaded[file.stem] = layer_settings(spec.settings_class(), file, load=spec.function("load"))
+    assert {"build-context", "make-qa", "split", "init-model", "sft", "predict", "to-parquet",
+            "rl-grpo", "annotate"} <= set(loaded)
+    assert (recipe / loaded["split"].system_prompt_file.name).is_file()
+    assert loaded["rl-grpo"].ours.backend == "trl"
+    assert loaded["annotate"].truth_col == "truth"

@@ -19,7 +19,7 @@ from cellpuzzle_cli.steps import STEPS
 from cellpuzzle_cli.synthetic import SyntheticSpec, write_synthetic_h5ad
 
 # what each command needs on its command line to get as far as reading its settings
-_REQUIRED = {"build-context": ["missing.h5ad"], "init-model": ["--tiny"]}
+_REQUIRED = {"build-context": ["missing.h5ad"], "init-model": ["--tiny"], "annotate": ["missing.h5ad"]}
 
 
 def _command(name: str, out: Path) -> list[str]:

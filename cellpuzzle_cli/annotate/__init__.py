@@ -1,4 +1,4 @@
-"""annotate: label a new, unlabelled `.h5ad` with a reference's cell types (issue 21).
+"""annotate: label a new, unlabelled `.h5ad` with a reference's or a trained model's cell types.
 
 The service is `run_annotate` (service.py). One concept per module: `settings` (the run's
 options), `query` (reading the query as a lab holds it), `reference` (labelled `.h5ad` files
@@ -7,7 +7,9 @@ or a build-context folder), `ranks` (ranked gene lists on the shared genes), `cl
 backend (`baseline_backend`, `celltypist_backend`, with `safe_model` for user model files)
 filling the same per-cell `evidence`, `decide` (labels and confidence, per cell or per
 cluster, one-to-one), `output` (the annotated copy and clusters.tsv), `embed` and `plot`
-(annotate.png). Names are re-exported lazily so the CLI can import the settings cheaply.
+(annotate.png), `model_backend` + `puzzle_votes` (a trained model answering many puzzles),
+`evaluate` (--truth-col), `step` (the pipeline step). Names are re-exported lazily so the CLI
+can import the settings cheaply.
 """
 
 from __future__ import annotations

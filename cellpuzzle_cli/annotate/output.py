@@ -21,7 +21,7 @@ from cellpuzzle_cli.io import atomic_write_bytes
 LABEL, CONFIDENCE, CLUSTER = "cellpuzzle_label", "cellpuzzle_confidence", "cellpuzzle_cluster"
 UNS_KEY = "cellpuzzle"
 CLUSTER_COLUMNS = ("file", "cluster", "cells", "label", "confidence", "share", "runner_up",
-                   "runner_up_share", "unassigned_cells", "markers")
+                   "runner_up_share", "unassigned_cells", "markers", "reasoning")
 
 
 def obs_columns(labels: Sequence[str], label_codes: np.ndarray, confidence: np.ndarray,

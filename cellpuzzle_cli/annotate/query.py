@@ -48,6 +48,7 @@ class QueryFile:
     has_umap: bool = False           # obsm['X_umap'] exists (used for the plot)
     in_memory: Any = None            # CSR copy of a matrix stored column-wise
     notes: list[str] = field(default_factory=list)
+    truth: Coded | None = None       # known labels to compare with (--truth-col), never used
 
     def chunks(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Row numbers in ascending chunks: all rows, or the given (sorted) ones."""
@@ -77,7 +78,7 @@ def naming(genes: np.ndarray) -> str:
 
 
 def open_query(path: Path, root: Path, cluster_col: str | None, gene_col: str | None,
-               chunk_cells: int | None = None) -> QueryFile:
+               chunk_cells: int | None = None, truth_col: str | None = None) -> QueryFile:
     """The query's matrix, genes and (optional) clusters, read without loading the matrix."""
     opened = open_h5ad(path)
     try:
@@ -115,9 +116,16 @@ def open_query(path: Path, root: Path, cluster_col: str | None, gene_col: str | 
             in_memory = read_elem(opened.h5[spec.key]).tocsr()
         obsm = opened.h5.get("obsm")
         has_umap = isinstance(obsm, h5py.Group) and "X_umap" in obsm   # pre-0.7: a table
+        truth = None
+        if truth_col is not None:
+            if truth_col not in opened.obs.columns:
+                raise UserError(f"{path}: obs has no column '{truth_col}' to compare with "
+                                f"(--truth-col). Columns present: "
+                                f"{', '.join(opened.obs.columns) or '(none)'}.")
+            truth = opened.obs.column(truth_col)
         rel = path.relative_to(root).as_posix()
         return QueryFile(path, rel, spec, genes, genes_from, values, n_cells,
                          chunk_cells or _chunk_cells(opened.h5, spec), clusters, has_umap,
-                         in_memory, notes)
+                         in_memory, notes, truth)
     finally:
         opened.close()

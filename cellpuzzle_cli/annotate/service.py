@@ -13,11 +13,12 @@ import numpy as np
 from cellpuzzle_cli.annotate.cluster import Clustering, cluster_query, given_clusters
 from cellpuzzle_cli.annotate.decide import UNASSIGNED, Decision, decide, smooth
 from cellpuzzle_cli.annotate.evidence import Backend, Evidence
+from cellpuzzle_cli.annotate.model_backend import ModelBackend, TrainedModel
 from cellpuzzle_cli.annotate.output import obs_columns, write_annotated, write_clusters
 from cellpuzzle_cli.annotate.query import QueryFile, naming, open_query
 from cellpuzzle_cli.annotate.ranks import Vocabulary
 from cellpuzzle_cli.annotate.reference import Reference, open_reference
-from cellpuzzle_cli.annotate.settings import SCORE_BACKENDS, AnnotateSettings
+from cellpuzzle_cli.annotate.settings import MODEL_BACKENDS, AnnotateSettings
 from cellpuzzle_cli.config import check_settings, save_settings
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.io import Progress, atomic_output_dir, find_files, labelled
@@ -38,6 +39,7 @@ class FileResult:
     mean_confidence: float
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    evaluation: dict[str, Any] = field(default_factory=dict)   # with --truth-col
 
 
 @dataclass
@@ -58,6 +60,12 @@ class AnnotateResult:
     def cells(self) -> int:
         return sum(f.cells for f in self.files)
 
+    def evaluation_lines(self) -> list[str]:
+        """Agreement with known labels (--truth-col), one line per file."""
+        from cellpuzzle_cli.annotate.evaluate import describe
+
+        return [describe(f.output, f.evaluation) for f in self.files if f.evaluation]
+
     def summary(self) -> dict[str, Any]:
         """Counts and choices, no timings (equal runs give equal summaries)."""
         return {"backend": self.backend, "model": self.model, "reference": self.reference,
@@ -68,20 +76,22 @@ class AnnotateResult:
 
 def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: Path,
                  settings: AnnotateSettings | None = None, *,
-                 reference_h5ads: Sequence[Path] = (), overwrite: bool = False,
+                 reference_h5ads: Sequence[Path] = (), model: TrainedModel | None = None,
+                 trust_remote_code: bool = False, overwrite: bool = False,
                  progress: Progress | None = None) -> AnnotateResult:
     """Label every cell of the query's `.h5ad` file(s) with the reference's types.
 
     `reference`: a labelled `.h5ad` (file or folder) or a build-context output folder; for
     `--backend celltypist` from a build-context folder, `reference_h5ads` are the files it was
-    built from. Writes into `out_dir` (atomically): each query file with the new obs columns
-    and uns['cellpuzzle'], clusters.tsv, annotate.png and annotate.yaml.
+    built from; for `--backend hf|vllm`, `model` is the trained model that answers puzzles (the
+    reference, if any, only names the candidates). Writes into `out_dir` (atomically): each
+    query file with the new obs columns and uns['cellpuzzle'], clusters.tsv, annotate.png and
+    annotate.yaml.
     """
     started = time.perf_counter()
     settings = check_settings(settings or AnnotateSettings())
-    if settings.backend not in SCORE_BACKENDS:
-        raise UserError(f"--backend {settings.backend} (a trained model answering puzzles) is "
-                        "not available in annotate yet. Use --backend baseline or celltypist.")
+    if settings.backend in MODEL_BACKENDS and model is None:
+        raise UserError(f"--backend {settings.backend} needs a trained model: pass --model.")
     inputs = [query] if isinstance(query, (str, Path)) else list(query)
     files = find_files([Path(p) for p in inputs], (".h5ad",), "query")
     if not files:
@@ -90,15 +100,18 @@ def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: 
     warnings: list[str] = []
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         queries = [open_query(path, root, settings.cluster_col, settings.gene_col,
-                              settings.chunk_cells) for path, root in files]
+                              settings.chunk_cells, settings.truth_col) for path, root in files]
         _check_outputs(queries)
-        ref = _reference(reference, settings)
+        ref = _reference(reference, settings, model)
         if ref is not None:
             warnings.extend(ref.notes)
         pool, depth = _pool(settings, queries, ref)
         try:
-            backend = _backend(ref, queries, settings, reference_h5ads, pool, depth, warnings,
-                               labelled(progress, "reference"))
+            if model is not None:
+                backend = _model_backend(model, ref, settings, Path(out_dir), trust_remote_code)
+            else:
+                backend = _backend(ref, queries, settings, reference_h5ads, pool, depth,
+                                   warnings, labelled(progress, "reference"))
             names, columns = _candidates(backend, settings, ref)
             results, rows, panels = [], [], []
             made_from = str(reference) if reference is not None else str(settings.celltypist_model)
@@ -120,15 +133,20 @@ def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: 
 
             plot_annotation(tmp / "annotate.png", panels, UNASSIGNED)
         save_settings(tmp, "annotate", settings)
+    if model is not None:
+        warnings.extend(_votes_warning(backend))
+        backend.finished()
     return AnnotateResult(Path(out_dir), backend.name, backend.model_label,
                           str(reference) if reference is not None else "", names,
                           "cluster" if settings.by_cluster else "cell", results, warnings,
                           time.perf_counter() - started)
 
 
-def _reference(path: Path | None, settings: AnnotateSettings) -> Reference | None:
+def _reference(path: Path | None, settings: AnnotateSettings,
+               model: TrainedModel | None) -> Reference | None:
     if path is None:
-        if settings.backend == "celltypist" and settings.celltypist_model is not None:
+        if model is not None or (settings.backend == "celltypist"
+                                 and settings.celltypist_model is not None):
             return None
         raise UserError("annotate needs labelled data to learn from: pass --reference with a "
                         "labelled .h5ad (file or folder) or a build-context output folder"
@@ -179,6 +197,29 @@ def _backend(ref: Reference | None, queries: list[QueryFile], settings: Annotate
 
     vocab = _shared_genes(queries, ref, query_genes)
     return MarkerBackend(ref, vocab, settings, pool, depth, warnings, progress)
+
+
+def _model_backend(model: TrainedModel, ref: Reference | None, settings: AnnotateSettings,
+                   out_dir: Path, trust_remote_code: bool) -> ModelBackend:
+    """The candidates the model chooses among: --candidates, else the reference's types, else
+    the types of the model's training puzzles; its work folder sits beside the output."""
+    types = list(settings.candidates or (ref.types if ref is not None else model.types))
+    if not types:
+        raise UserError(f"The model {model.path} is not one the manifest records as trained by "
+                        "cellpuzzle (no sft, merge-lora or rl run made it from training "
+                        "puzzles), so its cell types are unknown. Pass --candidates with the "
+                        "types to choose from, or --reference with labelled data.")
+    work = out_dir.parent / f".{out_dir.name}.votes"
+    return ModelBackend(model, types, settings, work, trust_remote_code)
+
+
+def _votes_warning(backend: ModelBackend) -> list[str]:
+    from cellpuzzle_cli.answer import unreadable_warning
+
+    total = backend.answered + backend.unreadable
+    warning = unreadable_warning(f"The model {backend.model_label}", total, backend.unreadable,
+                                 None)
+    return [warning] if warning else []
 
 
 def _shared_genes(queries: list[QueryFile], ref: Reference, query_genes: set[str]) -> Vocabulary:
@@ -247,9 +288,21 @@ def _annotate_file(q: QueryFile, backend: Backend, names: list[str], columns: np
     result = FileResult(str(q.path), q.output, q.n_cells, n_clusters,
                         f"{how} ({n_clusters} clusters)", int((decision.labels >= 0).sum()),
                         counts, float(decision.confidence.mean()), notes,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, _evaluation(q, label_names, label_codes,
+                                                                   names))
     table = _cluster_rows(q, clustering, decision, evidence, names, columns)
     return result, table, _panel(q, clustering, decision, names, settings, backend)
+
+
+def _evaluation(q: QueryFile, label_names: list[str], label_codes: np.ndarray,
+                names: list[str]) -> dict[str, Any]:
+    if q.truth is None:
+        return {}
+    from cellpuzzle_cli.annotate.evaluate import evaluate
+
+    codes, cats = q.truth
+    truth = [str(cats[c]) if c >= 0 else None for c in codes]
+    return evaluate(truth, [label_names[c] for c in label_codes], names)
 
 
 def _label_codes(labels: np.ndarray, names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -303,7 +356,8 @@ def _cluster_rows(q: QueryFile, clustering: Clustering, decision: Decision, evid
                      "runner_up_share": float(max(0.0, votes_other[runner]) / size)
                      if runner >= 0 else 0.0,
                      "unassigned_cells": int(unassigned[c]),
-                     "markers": evidence.markers(c, int(columns[label])) if label >= 0 else []})
+                     "markers": evidence.markers(c, int(columns[label])) if label >= 0 else [],
+                     "reasoning": (evidence.reasons or {}).get(str(c), "")})
     return rows
 
 

@@ -11,6 +11,7 @@ from cellpuzzle_cli.errors import UserError
 
 BACKENDS = ("baseline", "celltypist", "hf", "vllm")
 SCORE_BACKENDS = ("baseline", "celltypist")   # fill the matrix from scores; hf/vllm vote
+MODEL_BACKENDS = ("hf", "vllm")
 LABEL_BY = ("auto", "cell", "cluster")
 MACHINE = {"machine": True}   # how fast, never what: left out of the saved annotate.yaml
 
@@ -47,10 +48,28 @@ class AnnotateSettings:
     plot: bool = True
     plot_cells: Annotated[int, Check(100)] = 5_000
     celltypist_model: Path | None = None  # a CellTypist .pkl instead of training on the reference
+    truth_col: str | None = None          # query labels to compare with at the end, never used
+    # hf/vllm: each cluster in this many puzzles, a cell drawn from up to cells_per_cluster;
+    # puzzle size, genes per cell and system message as the model was trained (None: that)
+    puzzles_per_cluster: Count = 24
+    cells_per_cluster: Count = 50
+    puzzle_cells: Count | None = None
+    puzzle_candidates: Count | None = None
+    context: str | None = None            # the puzzles' context paragraph (None: the model's)
+    max_new_tokens: Count = 1024
+    batch_size: Count | None = None
     workers: Count | None = field(default=None, metadata=MACHINE)   # None: one per core, up to 8
     chunk_cells: Count | None = field(default=None, metadata=MACHINE)
 
     def validate(self) -> None:
+        if self.backend in MODEL_BACKENDS and self.label_by == "cell":
+            raise UserError(f"--backend {self.backend} votes per cluster (each cluster is asked "
+                            "in many puzzles), so label_by=cell cannot be used with it. Leave "
+                            "label_by at auto (or cluster).")
+        if (self.puzzle_cells and self.puzzle_candidates
+                and self.puzzle_candidates < self.puzzle_cells):
+            raise UserError(f"puzzle_candidates ({self.puzzle_candidates}) is below puzzle_cells "
+                            f"({self.puzzle_cells}); a puzzle needs a candidate for every cell.")
         if self.one_to_one and self.label_by == "cell":
             raise UserError("one_to_one assigns candidates to clusters, but label_by=cell labels "
                             "each cell on its own. Use label_by=cluster (or auto) with "
@@ -75,5 +94,6 @@ class AnnotateSettings:
     def by_cluster(self) -> bool:
         """Whether every cell takes its cluster's label (see the class docstring)."""
         if self.label_by == "auto":
-            return self.cluster_col is not None or self.one_to_one
+            return (self.cluster_col is not None or self.one_to_one
+                    or self.backend in MODEL_BACKENDS)
         return self.label_by == "cluster"

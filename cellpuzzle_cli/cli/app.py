@@ -9,6 +9,7 @@ import typer
 
 from cellpuzzle_cli import __version__
 from cellpuzzle_cli.cli import (
+    annotate,
     build_context,
     convert_ckpt,
     init_model,
@@ -29,7 +30,8 @@ app = typer.Typer(
     name="cellpuzzle",
     help="From single-cell RNA-seq (.h5ad) to a trained, evaluated LLM cell-type annotator.\n\n"
          "Pipeline: build-context → make-qa → split → sft → merge-lora → to-parquet → rl → "
-         "convert-ckpt → predict → score. Each step records its outputs in the manifest, and the "
+         "convert-ckpt → predict → score; annotate labels a new sample. Each step records its "
+         "outputs in the manifest, and the "
          "next step takes them from there when you give no input.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -72,4 +74,5 @@ app.add_typer(rl.app, name="rl", help="Reinforcement learning: GRPO or PPO (verl
 app.command("convert-ckpt")(convert_ckpt.convert_ckpt)
 app.command("predict")(predict.predict)
 app.command("score")(score.score)
+app.command("annotate")(annotate.annotate)
 app.command("manifest")(manifest_cmd.show)

@@ -191,8 +191,8 @@ def progress_bar(description: str, total: float | None = None,
         if not progress.live.is_started:
             progress.start()
         kwargs: dict[str, Any] = {"advance": advance}
-        if total is not None:
-            kwargs["total"] = total
+        if total is not None:   # a new phase (see io.Progress): it starts at `advance`
+            kwargs = {"total": total, "completed": advance}
         if description is not None:
             kwargs["description"] = description
         progress.update(task, **kwargs)

@@ -210,14 +210,18 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
     recorder = _RewardRecorder(make_trl_reward())
 
     class _Report(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if progress:
+                progress(state.global_step, total=state.max_steps)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if progress and logs and "reward" in logs:
-                progress(0, total=state.max_steps,
-                         description=f"GRPO step {state.global_step} reward {logs['reward']:.3f}")
+                progress(0, description=f"GRPO step {state.global_step} reward "
+                                        f"{logs['reward']:.3f}")
 
         def on_step_end(self, args, state, control, **kwargs):
             if progress:
-                progress(1, total=state.max_steps)
+                progress(1)
 
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         args = GRPOConfig(output_dir=str(tmp / "trainer"), **tplan.grpo_args)
