@@ -41,6 +41,19 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def cpu_threads() -> None:
+    """Torch's CPU threads as the user set them (OMP_NUM_THREADS), again: another library in
+    the same process (scanpy's numba code, as annotate runs it before a model) may have reset
+    OpenMP's count, and a tiny model on two threads of a busy machine runs many times slower."""
+    import os
+
+    import torch
+
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
+
+
 def pick_device(setting: str) -> str:
     """`auto` -> cuda when there is a GPU, else cpu; `cuda[:i]` only where there is one."""
     if setting == "auto":

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from cellpuzzle_cli.device import pick_device, torch_dtype
+from cellpuzzle_cli.device import cpu_threads, pick_device, torch_dtype
 from cellpuzzle_cli.errors import UserError
 from cellpuzzle_cli.predict.base import Generation, TokenizedPrompts, check_prompt_fits
 from cellpuzzle_cli.predict.settings import PredictSettings
@@ -87,6 +87,7 @@ class HFBackend(TokenizedPrompts):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.to(self.device).eval()
         if self.device == "cpu":
+            cpu_threads()
             use_grouped_sdpa(self.model)
         limits = [config.max_model_len, getattr(self.model.config, "max_position_embeddings", None)]
         self.max_len = min((x for x in limits if x), default=None)
