@@ -33,10 +33,10 @@ MARKERS_SHOWN = 5
 
 def quiet_celltypist() -> Any:
     """celltypist, imported without its logging set-up (predict's helper)."""
-    from cellpuzzle_cli.predict.celltypist_backend import _quiet_import
+    from cellpuzzle_cli.predict.celltypist_backend import import_celltypist
 
     try:
-        return _quiet_import()
+        return import_celltypist()
     except ImportError as exc:
         raise UserError(f"--backend celltypist needs CellTypist, which is not installed ({exc}). "
                         "Install the evaluation extra (pip install 'cellpuzzle[eval]'), or use "

@@ -25,7 +25,7 @@ from cellpuzzle_cli.build_context.h5ad import (
     gene_names,
     open_h5ad,
 )
-from cellpuzzle_cli.build_context.plan import _chunk_cells
+from cellpuzzle_cli.build_context.plan import chunk_cells_for
 from cellpuzzle_cli.build_context.values import MatrixValues
 from cellpuzzle_cli.errors import UserError
 
@@ -125,7 +125,7 @@ def open_query(path: Path, root: Path, cluster_col: str | None, gene_col: str | 
             truth = opened.obs.column(truth_col)
         rel = path.relative_to(root).as_posix()
         return QueryFile(path, rel, spec, genes, genes_from, values, n_cells,
-                         chunk_cells or _chunk_cells(opened.h5, spec), clusters, has_umap,
+                         chunk_cells or chunk_cells_for(opened.h5, spec), clusters, has_umap,
                          in_memory, notes, truth)
     finally:
         opened.close()

@@ -166,8 +166,7 @@ def _check_outputs(queries: list[QueryFile]) -> None:
 def _pool(settings: AnnotateSettings, queries: list[QueryFile],
           ref: Reference | None) -> tuple[Any, int]:
     """build-context's worker processes for ranking rows (baseline only), when worth it."""
-    from cellpuzzle_cli.build_context.build import _pool as start_pool
-    from cellpuzzle_cli.build_context.build import default_workers
+    from cellpuzzle_cli.build_context.build import default_workers, start_pool
 
     workers = settings.workers or default_workers()
     chunks = sum(-(-q.n_cells // q.chunk_cells) for q in queries if q.in_memory is None)

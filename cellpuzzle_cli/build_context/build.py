@@ -58,7 +58,7 @@ class BuildResult:
                           for r in self.files]}
 
 
-def _ordered(jobs: Iterable[tuple[Any, bool, Callable, tuple]], pool: Any,
+def ordered_results(jobs: Iterable[tuple[Any, bool, Callable, tuple]], pool: Any,
              depth: int) -> Iterator[tuple[Any, Any]]:
     """Run jobs (in the pool unless marked local) and yield (tag, result) in submission order."""
     from concurrent.futures import Future
@@ -79,7 +79,7 @@ def _ordered(jobs: Iterable[tuple[Any, bool, Callable, tuple]], pool: Any,
         yield tag0, fut0.result()
 
 
-def _pool(workers: int):
+def start_pool(workers: int):
     """Worker processes, started at once (each imports numpy and h5py before the first task)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -123,7 +123,7 @@ def build_context(inputs: list[Path], out_dir: Path, config: ContextSettings | N
         # big inputs: start the workers now, so their start-up overlaps reading metadata
         early = sum(path.stat().st_size for path, _ in files) > _EARLY_POOL_BYTES
         wanted = config.workers or default_workers()
-        pool = _pool(wanted) if wanted > 1 and early else None
+        pool = start_pool(wanted) if wanted > 1 and early else None
         workers = wanted if pool is not None else 1
         try:
             used: set[str] = set()
@@ -141,7 +141,7 @@ def build_context(inputs: list[Path], out_dir: Path, config: ContextSettings | N
             chunks = sum(1 for p in plans if p.in_memory is None for _ in p.chunks())
             if pool is None and min(wanted, chunks) > 1:
                 workers = min(wanted, chunks)
-                pool = _pool(workers)
+                pool = start_pool(workers)
             _say_once(plans)
             _run(plans, field_columns, config.top_genes, pool, 2 * workers + 2, progress)
         finally:
@@ -221,7 +221,7 @@ def _run(plans: list[FilePlan], field_columns: list[str], k: int, pool: Any, dep
     tallies: dict[int, _Tally] = {}
     last_done = time.perf_counter()   # files finish in order: a file's time is since the last
     try:
-        for (i, a, b), (lengths, genes, stats) in _ordered(jobs(), pool, depth):
+        for (i, a, b), (lengths, genes, stats) in ordered_results(jobs(), pool, depth):
             plan = plans[i]
             if i not in writers:
                 writers[i] = TableWriter(plan, field_columns, with_ids)

@@ -168,7 +168,7 @@ def plan_file(path: Path, root: Path, config: ContextSettings, fields: ContextFi
         plan = FilePlan(report, out_dir / out_rel, matrix, genes, kept, cell_ids[kept],
                         sub(donor), sub(batch) if batch else None, sub(cell_type),
                         {k: sub(v) for k, v in field_codes.items()}, sub(context),
-                        config.chunk_cells or _chunk_cells(opened.h5, matrix), in_memory,
+                        config.chunk_cells or chunk_cells_for(opened.h5, matrix), in_memory,
                         sub(term_ids) if term_ids is not None else None)
         count_groups(plan)
         return plan
@@ -279,7 +279,7 @@ def _donor(obs: Frame, cell_ids: np.ndarray, config: ContextSettings, path: Path
     return codes, cats
 
 
-def _chunk_cells(h5: h5py.File, matrix: MatrixSpec) -> int:
+def chunk_cells_for(h5: h5py.File, matrix: MatrixSpec) -> int:
     n_rows, n_cols = matrix.shape
     if matrix.kind == "csr":
         nnz = int(h5[matrix.key]["indptr"][-1]) if n_rows else 0

@@ -95,7 +95,7 @@ def read_expression(source: CellSource, cell_ids: Sequence[str]) -> Any:
     return log1p_cp10k(block, source.values)[back]
 
 
-def _quiet_import() -> Any:
+def import_celltypist() -> Any:
     """celltypist configures the root logger at import; undo that so only our output shows."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -145,7 +145,7 @@ class CellTypistBackend:
     def _train(self, cells: list[tuple[str, str, str]]) -> Any:
         import anndata
 
-        celltypist = _quiet_import()
+        celltypist = import_celltypist()
         parts = []
         for dataset in sorted({d for d, _, _ in cells}):
             chosen = [(c, t) for d, c, t in cells if d == dataset]
@@ -177,7 +177,7 @@ class CellTypistBackend:
 
     def _decision_scores(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Per puzzle, the decision-score table (cells × model types) of its cells."""
-        celltypist = _quiet_import()
+        celltypist = import_celltypist()
         cells = _cells_of(records, "test")
         out: dict[str, list[Any]] = {r["puzzle_id"]: [] for r in records}
         for dataset in sorted({d for d, _, _ in cells}):
