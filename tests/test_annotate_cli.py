@@ -85,7 +85,7 @@ def test_votes_deal_every_cluster_into_every_round_and_read_planted_answers():
     assert votes.unreadable == 1 and votes.answered == len(records) - 1
     best = votes.shares().argmax(axis=1)
     assert [types[i] for i in best] == [truth[c] for c in cells]
-    assert votes.reasons["a"].startswith("Cell")
+    assert votes.reason_for_best()["a"].startswith("Cell")
 
 
 def test_a_model_backend_run_uses_its_training_types_and_says_when_answers_are_unreadable(

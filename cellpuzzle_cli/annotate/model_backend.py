@@ -98,7 +98,7 @@ class ModelBackend:
         self.answered += votes.answered
         self.unreadable += votes.unreadable
         prob = _probabilities(votes)[clusters]
-        return Evidence(prob, _markers(cells), reasons=votes.reasons)
+        return Evidence(prob, _markers(cells), reasons=votes.reason_for_best(), per_cluster=True)
 
     def _cluster_cells(self, query: QueryFile, clusters: np.ndarray,
                        n_clusters: int) -> list[list[list[str]]]:

@@ -87,7 +87,13 @@ class Votes:
     offered: np.ndarray     # (clusters, types): times the type was on offer (or named anyway)
     answered: int = 0       # puzzles whose answer could be read
     unreadable: int = 0     # puzzles whose answer could not (no votes from them)
-    reasons: dict[str, str] = field(default_factory=dict)  # cluster -> a line of the model's
+    reasons: dict[tuple[str, int], str] = field(default_factory=dict)  # (cluster, type) -> a
+                                                                       # line of the model's
+
+    def reason_for_best(self) -> dict[str, str]:
+        """Per cluster, a line of the model's reasoning from an answer that chose its best type."""
+        best = self.shares().argmax(axis=1)
+        return {c: self.reasons.get((c, int(t)), "") for c, t in zip(self.clusters, best)}
 
     def shares(self) -> np.ndarray:
         """chosen / offered (0 where never offered): the scores a decision is taken on."""
@@ -116,7 +122,7 @@ def tally(records: Sequence[dict[str, Any]], predictions: Mapping[str, str | Non
             if pick not in offered:
                 votes.offered[row, pick] += 1
             votes.chosen[row, pick] += 1
-            votes.reasons.setdefault(cluster, _reason(text, position + 1))
+            votes.reasons.setdefault((cluster, pick), _reason(text, position + 1))
     return votes
 
 

@@ -339,21 +339,22 @@ def _cluster_rows(q: QueryFile, clustering: Clustering, decision: Decision, evid
                              minlength=len(clustering.names))
     for c, name in enumerate(clustering.names):
         label = int(decision.cluster_labels[c])
-        votes = decision.votes[c, :-1].astype(float)
         size = max(1, int(sizes[c]))
+        if evidence.per_cluster:   # a model's votes: every cell holds the cluster's shares
+            first = int(np.flatnonzero(clustering.codes == c)[0])
+            weight = evidence.prob[first, columns].astype(float)
+        else:                      # cells whose own best is each candidate
+            weight = decision.votes[c, :-1].astype(float) / size
+        other = weight.copy()
         if label >= 0:
-            votes_other = votes.copy()
-            votes_other[label] = -1
-        else:
-            votes_other = votes
-        runner = int(votes_other.argmax()) if votes_other.size else -1
+            other[label] = -1
+        runner = int(other.argmax()) if other.size else -1
+        own = weight[label] if label >= 0 else decision.votes[c, -1] / size
         rows.append({"file": q.output, "cluster": name, "cells": int(sizes[c]),
                      "label": names[label] if label >= 0 else UNASSIGNED,
-                     "confidence": float(conf[c] / size),
-                     "share": float((votes[label] if label >= 0 else decision.votes[c, -1]) / size),
-                     "runner_up": names[runner] if runner >= 0 and votes_other[runner] > 0 else "",
-                     "runner_up_share": float(max(0.0, votes_other[runner]) / size)
-                     if runner >= 0 else 0.0,
+                     "confidence": float(conf[c] / size), "share": float(own),
+                     "runner_up": names[runner] if runner >= 0 and other[runner] > 0 else "",
+                     "runner_up_share": float(max(0.0, other[runner])) if runner >= 0 else 0.0,
                      "unassigned_cells": int(unassigned[c]),
                      "markers": evidence.markers(c, int(columns[label])) if label >= 0 else [],
                      "reasoning": (evidence.reasons or {}).get(str(c), "")})
