@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,24 +222,12 @@ def speed_child(kind: str, path: Path, out: Path) -> None:
 
 
 def measure(kind: str, path: Path) -> dict:
-    import psutil
+    from child_rss import run_measured
 
     out = OUT / f"speed_{kind}_{path.stem}"
     load = os.getloadavg()[0]
-    proc = subprocess.Popen([sys.executable, __file__, "child", kind, str(path), str(out)],
-                            stdout=subprocess.PIPE, text=True)
-    parent, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    stdout, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} on {path.name} failed with exit code {proc.returncode}")
-    row = json.loads(stdout.strip().splitlines()[-1])
+    row, peak = run_measured([sys.executable, __file__, "child", kind, str(path), str(out)],
+                             f"{kind} on {path.name}")
     row.update(peak_rss_mb=peak / 2**20, load_before=load, load_after=os.getloadavg()[0])
     return row
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,25 +78,13 @@ def read_only(path: Path) -> dict:
 
 
 def measure(path: Path, workers: int, top_genes: int) -> dict:
-    import psutil
 
     out = OUT / f"cells_{path.stem}_w{workers}"
+    from child_rss import run_measured
+
     load_before = os.getloadavg()[0]
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(path), str(out),
-                             str(workers), str(top_genes)], stdout=subprocess.PIPE, text=True)
-    parent = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    stdout, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark child failed with exit code {proc.returncode}")
-    row = json.loads(stdout.strip().splitlines()[-1])
+    row, peak = run_measured([sys.executable, __file__, "--child", str(path), str(out),
+                              str(workers), str(top_genes)], "benchmark child")
     row.update(peak_rss_sum_mb=peak / 2**20, workers=workers, file=path.name,
                load_before=load_before, load_after=os.getloadavg()[0])
     return row
