@@ -100,9 +100,11 @@ class CellTypistBackend:
         matched = np.flatnonzero(found >= 0)
         prob = np.empty((query.n_cells, len(self.types) + 1), dtype=np.float32)
         sums = np.zeros((n_clusters, matched.size))
+        empty = np.zeros(query.n_cells, dtype=bool)
         for rows in query.chunks():
             for part in np.array_split(rows, max(1, -(-rows.size // _CHUNK_CELLS))):
                 block = query.normalised(part)[:, found[matched]]
+                empty[part] = block.getnnz(axis=1) == 0
                 adata = anndata.AnnData(block)
                 adata.var_names = [str(g) for g in self.features[matched]]
                 with warnings.catch_warnings():
@@ -119,7 +121,7 @@ class CellTypistBackend:
             if progress:
                 progress(rows.size)
         sizes = np.maximum(np.bincount(clusters, minlength=n_clusters), 1)
-        return Evidence(prob, self._markers(sums / sizes[:, None], matched))
+        return Evidence(prob, self._markers(sums / sizes[:, None], matched), empty=empty)
 
     def _markers(self, means: np.ndarray, matched: np.ndarray) -> Any:
         scaler, classes = self.model.scaler, list(self.model.classifier.classes_)
@@ -164,8 +166,7 @@ def _from_h5ad(reference: Reference, settings: AnnotateSettings, notes: list[str
         for a, b in plan.chunks():
             pick = np.flatnonzero(mine[a:b]) + a
             if pick.size:
-                block = read_rows_csr(plan.matrix, plan.kept[pick]) if plan.in_memory is None \
-                    else plan.in_memory[plan.kept[pick]]
+                block = read_rows_csr(plan.matrix, plan.kept[pick], plan.in_memory)
                 blocks.append(log1p_cp10k(block, MatrixValues(plan.report.values,
                                                               plan.report.values_total)))
                 labels.extend(reference.types[t] for t in f.types[pick])

@@ -26,6 +26,7 @@ class Evidence:
     prob: np.ndarray   # (cells × types + 1) float32, rows sum to 1; last column: none
     markers: Callable[[int, int], list[str]]   # (cluster, type index) -> genes behind it
     reasons: dict[str, str] | None = None      # model backends: cluster -> a line of reasoning
+    empty: np.ndarray | None = None   # bool per cell: no expressed gene the backend knows
 
 
 class Backend(Protocol):

@@ -62,13 +62,18 @@ class QueryFile:
 
         return log1p_cp10k(self.read(rows), self.values)
 
+    def unexpressed(self) -> np.ndarray:
+        """Per cell, whether no gene has a positive value (one pass over the matrix)."""
+        empty = np.zeros(self.n_cells, dtype=bool)
+        for rows in self.chunks():
+            empty[rows] = (self.read(rows) > 0).getnnz(axis=1) == 0
+        return empty
+
     def read(self, rows: np.ndarray) -> Any:
         """Rows (ascending) of the chosen matrix as scipy CSR, as stored."""
         from cellpuzzle_cli.build_context.rows import read_rows_csr
 
-        if self.in_memory is not None:
-            return self.in_memory[rows]
-        return read_rows_csr(self.spec, rows)
+        return read_rows_csr(self.spec, rows, self.in_memory)
 
 
 def naming(genes: np.ndarray) -> str:
