@@ -188,3 +188,17 @@ def test_a_model_that_fails_to_load_leaves_no_work_folder(cli, tmp_path, pbmc):
     out = tmp_path / "ann"
     assert_user_error(_votes(cli, pbmc["query"], pbmc["ref"], out, model), "Could not load")
     assert not out.exists() and not list(tmp_path.glob(".ann*"))
+
+
+def test_an_output_inside_the_query_folder_is_not_read_as_a_query(cli, tmp_path, pbmc):
+    folder = tmp_path / "sample"
+    folder.mkdir()
+    _variant(pbmc["query"], folder / "a.h5ad", lambda a: a)
+    out = folder / "annotated"
+    assert _run(cli, folder, pbmc["ref"], out, "--cluster-col", "louvain").code == 0
+    again = _run(cli, folder, pbmc["ref"], out, "--cluster-col", "louvain", "seed=1",
+                 "--overwrite", "--format", "json")
+    assert again.code == 0, again.output
+    assert [f["output"] for f in json.loads(again.stdout)["summary"]["files"]] == ["a.h5ad"]
+    assert sorted(p.name for p in out.glob("*.h5ad")) == ["a.h5ad"]
+    assert not (out / "annotated").exists()
