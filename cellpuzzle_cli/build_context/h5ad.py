@@ -276,9 +276,9 @@ def gene_names(var: Frame, gene_col: str | None, path: Path, where: str,
                warnings: list[str], refuse_repeats: bool = True) -> tuple[np.ndarray, str]:
     """Gene symbols; `_ENSG…` suffixes stripped where the bare symbol stays unique.
 
-    Repeated names are refused unless `refuse_repeats` is False (a top-gene list could not tell
-    the genes apart; a reader that makes names unique itself may pass False); a warning says
-    when only Ensembl IDs exist.
+    Repeated and empty (or missing) names are refused unless `refuse_repeats` is False (a
+    top-gene list could not tell the genes apart, or would show a blank; a reader that makes
+    names unique itself may pass False); a warning says when only Ensembl IDs exist.
     """
     if gene_col is not None and gene_col not in var.columns:
         raise UserError(f"{path}: {where} has no column '{gene_col}'. Columns present: "
@@ -292,6 +292,13 @@ def gene_names(var: Frame, gene_col: str | None, path: Path, where: str,
         names = np.where(codes >= 0, cats[np.maximum(codes, 0)], "").astype(object)
         source = f"{where}.{col}"
     others = [c for c in var.columns if c != col]
+    blank = np.flatnonzero([not str(n).strip() for n in names])
+    if refuse_repeats and blank.size:
+        raise UserError(f"{path}: {blank.size} gene names in {source} are empty or missing, "
+                        f"e.g. column {int(blank[0])} of the matrix (0-based), so top-gene lists "
+                        "would show a blank for them. Pass --gene-col with a column that names "
+                        "every gene" + (f" (columns present: {', '.join(others)})" if others
+                                        else "") + ", or name them in the file.")
     if refuse_repeats:
         refuse_duplicates(names, f"gene names in {source}", path,
                           "Pass --gene-col with a column of unique names"
