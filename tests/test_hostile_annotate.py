@@ -202,3 +202,17 @@ def test_an_output_inside_the_query_folder_is_not_read_as_a_query(cli, tmp_path,
     assert [f["output"] for f in json.loads(again.stdout)["summary"]["files"]] == ["a.h5ad"]
     assert sorted(p.name for p in out.glob("*.h5ad")) == ["a.h5ad"]
     assert not (out / "annotated").exists()
+
+
+def test_blank_cluster_names_are_no_cluster(cli, tmp_path, pbmc):
+    def blank(adata):
+        names = adata.obs["louvain"].astype(str).to_numpy().copy()
+        names[:30], names[30:40] = "", "nan"
+        adata.obs["mine"] = names
+        return adata
+
+    query = _variant(pbmc["query"], tmp_path / "q.h5ad", blank)
+    out = tmp_path / "out"
+    assert_user_error(_run(cli, query, pbmc["ref"], out, "--cluster-col", "mine"),
+                      "40 cells have no value in 'mine' (missing, empty or 'nan')")
+    assert not out.exists()
