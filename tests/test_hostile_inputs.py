@@ -36,12 +36,18 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(cli, tmp_path):
     assert source.is_file()
 
 
-def test_score_files_never_overwrite_predictions_or_each_other(cli, tmp_path):
+def _predicted(cli, tmp_path: Path) -> Path:
+    """A baseline predict run of six puzzles (its folder)."""
     test = write_records(tmp_path / "test.jsonl", make_records(6))
     train = write_records(tmp_path / "train.jsonl", make_records(20, seed=1))
     preds = tmp_path / "preds"
     assert cli("predict", "--backend", "baseline", "--data", test, "--train", train,
                "-o", preds).code == 0
+    return preds
+
+
+def test_score_files_never_overwrite_predictions_or_each_other(cli, tmp_path):
+    preds = _predicted(cli, tmp_path)
     shard = preds / "shard-0-of-1.jsonl"
     kept = shard.read_bytes()
     assert_user_error(cli("score", preds, "--html", shard), "--html", "an input of this run")
@@ -137,3 +143,10 @@ def test_donors_that_are_each_one_cell_are_warned_about(tmp_path):
     assert result.code == 0, result.output
     assert_says(result, "each of the 24 cells is a donor group of its own",
                 "--donor-from-id '(.*)'")
+
+
+def test_a_score_file_option_naming_a_folder_is_refused(cli, tmp_path):
+    preds = _predicted(cli, tmp_path)
+    assert_user_error(cli("score", preds, "--plot", f"{tmp_path}/plots/"), "--plot",
+                      "ends in '/', naming a folder", "plots/score.png")
+    assert not (tmp_path / "plots").exists()
