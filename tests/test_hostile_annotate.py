@@ -216,3 +216,14 @@ def test_blank_cluster_names_are_no_cluster(cli, tmp_path, pbmc):
     assert_user_error(_run(cli, query, pbmc["ref"], out, "--cluster-col", "mine"),
                       "40 cells have no value in 'mine' (missing, empty or 'nan')")
     assert not out.exists()
+
+
+def test_a_reference_folder_whose_h5ad_files_are_gone_says_so(cli, tmp_path, pbmc):
+    source = _variant(pbmc["ref"], tmp_path / "r.h5ad", lambda a: a)
+    cells = tmp_path / "cells"
+    assert cli("build-context", source, "--cell-type-col", LABELS, "-o", cells).code == 0
+    source.unlink()
+    result = _run(cli, pbmc["query"], cells, tmp_path / "out", "--backend", "celltypist",
+                  "--cluster-col", "louvain")
+    assert_user_error(result, "the manifest records them", "are no longer there", "r.h5ad",
+                      "put them back")

@@ -192,6 +192,12 @@ def _from_tables(reference: Reference, h5ads: Sequence[Path]) -> tuple[Any, np.n
                         "is a build-context folder (top genes only). Pass the .h5ad files it "
                         "was built from (the manifest records them), or give the labelled "
                         ".h5ad itself as the reference.")
+    gone = [str(p) for p in h5ads if not Path(p).exists()]
+    if gone:
+        raise UserError(f"The .h5ad files {reference.path} was built from (the manifest records "
+                        f"them) are no longer there: {', '.join(gone)}. --backend celltypist "
+                        "reads their expression: put them back, or give the labelled .h5ad "
+                        "itself as the reference.")
     tables = [pq.read_table(f.path, columns=["cell_id", "dataset", "cell_type"])
               for f in reference.files]
     rows = [r for t in tables for r in t.to_pylist()]

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from cellpuzzle_cli.build_context.values import MatrixValues, probe_values
-from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.errors import UserError, existing_path
 
 DEFAULT_GENE_COL = "feature_name"
 _CURRENT_FRAME = ("dataframe", "0.2.0")    # read column by column
@@ -184,6 +184,7 @@ class _Opened:
 
 
 def open_h5ad(path: Path) -> _Opened:
+    existing_path(path, ".h5ad file")   # h5py says "not HDF5" of a file that is not there
     if not h5py.is_hdf5(path):
         raise UserError(f"{path} is not an HDF5 file, so it cannot be an .h5ad. Check that it "
                         "was downloaded completely and is an AnnData file (not a .loom or .rds).")
