@@ -20,7 +20,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -85,7 +85,24 @@ Share = Annotated[float, Check(above=0, high=1)]  # top_p, GPU memory share
 
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader, reading `5e-5` as a number as YAML 1.2 does (1.1 wants `5.0e-5`), so
-    files and `key=value` overrides agree on every value."""
+    files and `key=value` overrides agree on every value; a key given twice in one mapping is
+    an error (YAML requires unique keys; PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, Hashable) and key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (lines {lines[key]} and "
+                        f"{line}); say it once", key_node.start_mark)
+                if isinstance(key, Hashable):
+                    lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(

@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def spare_inputs(outputs: Sequence[tuple[str, Path | None]], inputs: Iterable[Path]) -> None:
+    """Refuse outputs that would replace what the run reads, or each other: an output that is
+    an input, or a folder holding one, would be overwritten or deleted (an output folder is
+    replaced whole when published with --overwrite). `outputs` are (option, path) pairs."""
+    read = [Path(p).resolve() for p in inputs]
+    taken: dict[Path, str] = {}
+    for option, path in outputs:
+        if path is None:
+            continue
+        out = Path(path).resolve()
+        hit = next((i for i in read if i == out or out in i.parents), None)
+        if hit is not None:
+            raise UserError(f"{option} {path} {'is' if hit == out else 'holds'} an input of this "
+                            f"run ({hit}); writing there would replace it. Give {option} "
+                            "another path.")
+        if out in taken:
+            raise UserError(f"{taken[out]} and {option} both name {path}, so one would "
+                            "overwrite the other. Give each its own path.")
+        taken[out] = option
 
 
 def write_json(path: Path, obj: Any) -> None:

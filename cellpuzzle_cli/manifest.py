@@ -237,7 +237,14 @@ class Manifest:
         except orjson.JSONDecodeError as exc:
             raise UserError(f"The manifest {self.path} is not valid JSON ({exc}). Restore it from "
                             "version control, or point --manifest at a new file.") from exc
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA \
+                and isinstance(data.get("entries"), list):
+            raise UserError(f"The manifest {self.path} was written by a newer cellpuzzle (schema "
+                            f"{schema}; this version, {__version__}, reads schema {SCHEMA}), so "
+                            "its entries cannot be read safely. Upgrade cellpuzzle, or point "
+                            "--manifest at another file.")
+        if not isinstance(data, dict) or schema != SCHEMA:
             raise UserError(f"{self.path} is not a cellpuzzle manifest (schema {SCHEMA}). Point "
                             "--manifest at another file.")
         if not isinstance(data.get("entries"), list):

@@ -33,7 +33,7 @@ import orjson
 
 from cellpuzzle_cli.config import layer_settings, settings_dict
 from cellpuzzle_cli.errors import UserError
-from cellpuzzle_cli.io import Progress, describe
+from cellpuzzle_cli.io import Progress, describe, spare_inputs
 from cellpuzzle_cli.manifest import Artifact, Manifest, RunRecord, jsonable
 from cellpuzzle_cli.steps import STEPS, In, StepSpec, from_ledger
 
@@ -116,6 +116,9 @@ def run(request: Request, ledger: Manifest, progress: ProgressFactory | None = N
     plan = spec.function("plan")
     if plan is not None:
         plan(job)
+    spare_inputs([("-o", job.output)] + [(f"--{o.flag}", job.flags.get(o.flag))
+                                         for o in spec.outputs if o.flag],
+                 [a.path for a in job.artifacts])
     _check_unchanged(job)
     # a stamped step writes its spec's outputs under -o; the others say what they wrote
     outputs = [Artifact(o.path(job.output), o.name, o.kind) for o in spec.outputs] \

@@ -40,11 +40,13 @@ class In:
 
 @dataclass(frozen=True)
 class Out:
-    """An output role: the output folder itself (`file` None) or a file inside it."""
+    """An output role: the output folder itself (`file` None) or a file inside it; `flag`: a
+    file named by an option instead (score's --json), which the runner checks like -o."""
 
     name: str
     kind: Kind
     file: str | None = None
+    flag: str | None = None
 
     def path(self, output: Path) -> Path:
         return Path(output) / self.file if self.file else Path(output)
@@ -158,8 +160,8 @@ STEPS: dict[str, StepSpec] = {spec.name: spec for spec in (
              inputs=(In("predictions", Kind.PREDICTIONS, "predictions", auto=False),
                      In("reference", what="reference", auto=False),
                      In("label ids", what="label ids", auto=False)),
-             outputs=(Out("report", Kind.REPORT), Out("plot", Kind.PLOT),
-                      Out("html", Kind.REPORT)), stamped=False,
+             outputs=(Out("report", Kind.REPORT, flag="json"), Out("plot", Kind.PLOT, flag="plot"),
+                      Out("html", Kind.REPORT, flag="html")), stamped=False,
              label="score"),
 )}
 

@@ -155,7 +155,7 @@ def test_resume_with_other_settings_is_refused(cli, assets, tmp_path):
     assert cli(*args, "--max-new-tokens", "3", "--overwrite").code == 0
     other = cli("predict", "--model", assets["model"], "--data", assets["data"], "-o",
                 assets["model"], "--backend", "hf")
-    assert_user_error(other, "not predictions", "another folder")
+    assert_user_error(other, "is an input of this run", "give -o another path")
 
 
 class FlakyBackend:

@@ -125,7 +125,9 @@ class MarkerBackend:
         jobs = [(rows, query.spec, rows, query.in_memory, keep, idx) for rows in query.chunks()]
         prob = np.empty((query.n_cells, len(self.types) + 1), dtype=np.float32)
         listed = sp.csr_matrix((n_clusters, self.vocab.genes.size), dtype=np.int64)
+        empty = np.zeros(query.n_cells, dtype=bool)
         for rows, chunk in matrix_chunks(jobs, self.k, pool, self.depth):
+            empty[rows] = chunk.lengths == 0
             scores = self.stats.score_ranked(chunk.lengths, chunk.genes)
             prob[rows] = softmax(scores / self.temperature + self.log_prior)
             top = (chunk.ranks() < MARKER_DEPTH) & (chunk.genes >= 0)
@@ -136,7 +138,7 @@ class MarkerBackend:
             if progress:
                 progress(rows.size)
         sizes = np.bincount(clusters, minlength=n_clusters)
-        return Evidence(prob, self._markers(listed.tocsr(), sizes))
+        return Evidence(prob, self._markers(listed.tocsr(), sizes), empty=empty)
 
     def _markers(self, listed: Any, sizes: np.ndarray) -> Any:
         odds: dict[int, np.ndarray] = {}

@@ -100,9 +100,11 @@ class CellTypistBackend:
         matched = np.flatnonzero(found >= 0)
         prob = np.empty((query.n_cells, len(self.types) + 1), dtype=np.float32)
         sums = np.zeros((n_clusters, matched.size))
+        empty = np.zeros(query.n_cells, dtype=bool)
         for rows in query.chunks():
             for part in np.array_split(rows, max(1, -(-rows.size // _CHUNK_CELLS))):
                 block = query.normalised(part)[:, found[matched]]
+                empty[part] = block.getnnz(axis=1) == 0
                 adata = anndata.AnnData(block)
                 adata.var_names = [str(g) for g in self.features[matched]]
                 with warnings.catch_warnings():
@@ -119,7 +121,7 @@ class CellTypistBackend:
             if progress:
                 progress(rows.size)
         sizes = np.maximum(np.bincount(clusters, minlength=n_clusters), 1)
-        return Evidence(prob, self._markers(sums / sizes[:, None], matched))
+        return Evidence(prob, self._markers(sums / sizes[:, None], matched), empty=empty)
 
     def _markers(self, means: np.ndarray, matched: np.ndarray) -> Any:
         scaler, classes = self.model.scaler, list(self.model.classifier.classes_)
@@ -164,8 +166,7 @@ def _from_h5ad(reference: Reference, settings: AnnotateSettings, notes: list[str
         for a, b in plan.chunks():
             pick = np.flatnonzero(mine[a:b]) + a
             if pick.size:
-                block = read_rows_csr(plan.matrix, plan.kept[pick]) if plan.in_memory is None \
-                    else plan.in_memory[plan.kept[pick]]
+                block = read_rows_csr(plan.matrix, plan.kept[pick], plan.in_memory)
                 blocks.append(log1p_cp10k(block, MatrixValues(plan.report.values,
                                                               plan.report.values_total)))
                 labels.extend(reference.types[t] for t in f.types[pick])
@@ -191,6 +192,12 @@ def _from_tables(reference: Reference, h5ads: Sequence[Path]) -> tuple[Any, np.n
                         "is a build-context folder (top genes only). Pass the .h5ad files it "
                         "was built from (the manifest records them), or give the labelled "
                         ".h5ad itself as the reference.")
+    gone = [str(p) for p in h5ads if not Path(p).exists()]
+    if gone:
+        raise UserError(f"The .h5ad files {reference.path} was built from (the manifest records "
+                        f"them) are no longer there: {', '.join(gone)}. --backend celltypist "
+                        "reads their expression: put them back, or give the labelled .h5ad "
+                        "itself as the reference.")
     tables = [pq.read_table(f.path, columns=["cell_id", "dataset", "cell_type"])
               for f in reference.files]
     rows = [r for t in tables for r in t.to_pylist()]

@@ -27,6 +27,7 @@ class Evidence:
     markers: Callable[[int, int], list[str]]   # (cluster, type index) -> genes behind it
     reasons: dict[str, str] | None = None      # model backends: cluster -> a line of reasoning
     per_cluster: bool = False                  # every cell holds its cluster's probabilities
+    empty: np.ndarray | None = None            # bool per cell: no expressed gene the backend knows
 
 
 class Backend(Protocol):

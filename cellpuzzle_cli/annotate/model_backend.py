@@ -14,6 +14,8 @@ context paragraph) comes from its training puzzles, which the ledger finds upstr
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -98,7 +100,8 @@ class ModelBackend:
         self.answered += votes.answered
         self.unreadable += votes.unreadable
         prob = _probabilities(votes)[clusters]
-        return Evidence(prob, _markers(cells), reasons=votes.reason_for_best(), per_cluster=True)
+        return Evidence(prob, _markers(cells), reasons=votes.reason_for_best(), per_cluster=True,
+                        empty=query.unexpressed())
 
     def _cluster_cells(self, query: QueryFile, clusters: np.ndarray,
                        n_clusters: int) -> list[list[list[str]]]:
@@ -122,19 +125,38 @@ class ModelBackend:
 
     def _answer(self, query: QueryFile, records: list[dict[str, Any]],
                 progress: Progress | None) -> dict[str, str | None]:
-        """The model's answer to every puzzle, through predict (resumable in the work folder)."""
-        from cellpuzzle_cli.io import iter_jsonl, write_jsonl
+        """The model's answer to every puzzle, through predict (resumable in the work folder).
+
+        The folder is named after what decides the answers (the puzzles' bytes, the model, the
+        generation settings), so a rerun resumes only the very same questions: answers to
+        other cells or candidates (an earlier run on another query, other clusters or
+        settings) are never taken for these, and are removed. A folder that holds no answer
+        yet is removed when the run fails, so a failed start leaves nothing behind."""
+        from cellpuzzle_cli.io import dumps_line, iter_jsonl, write_jsonl
         from cellpuzzle_cli.predict.settings import PredictJob, PredictSettings
         from cellpuzzle_cli.predict.shard_run import run_predict
 
-        folder = self.work / query.output.replace("/", "_")
-        puzzles = folder / "puzzles.jsonl"
-        write_jsonl(puzzles, records)
         generation = PredictSettings(backend=self.name, max_new_tokens=self.settings.max_new_tokens,
                                      batch_size=self.settings.batch_size, seed=self.settings.seed)
-        result = run_predict(PredictJob(data=puzzles, output_dir=folder / "answers",
-                                        model=self.model.path, settings=generation,
-                                        trust_remote_code=self.trust_remote_code), progress)
+        digest = hashlib.sha256(b"".join(dumps_line(r) for r in records))
+        digest.update(f"{Path(self.model.path).resolve()}|{generation}".encode())
+        mine = self.work / query.output.replace("/", "_")
+        folder = mine / digest.hexdigest()[:16]
+        for stale in (p for p in (mine.iterdir() if mine.is_dir() else ()) if p != folder):
+            shutil.rmtree(stale, ignore_errors=True)
+        puzzles = folder / "puzzles.jsonl"
+        write_jsonl(puzzles, records)
+        job = PredictJob(data=puzzles, output_dir=folder / "answers", model=self.model.path,
+                         settings=generation, trust_remote_code=self.trust_remote_code)
+        try:
+            result = run_predict(job, progress)
+        except BaseException:
+            if not any(p.stat().st_size for p in folder.glob("answers/shard-*.jsonl")):
+                shutil.rmtree(folder, ignore_errors=True)
+                for empty in (mine, self.work):
+                    with contextlib.suppress(OSError):
+                        empty.rmdir()
+            raise
         return {row["puzzle_id"]: row.get("prediction") for row in iter_jsonl(result.shard_file)}
 
     def finished(self) -> None:

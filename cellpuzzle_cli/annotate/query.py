@@ -62,19 +62,34 @@ class QueryFile:
 
         return log1p_cp10k(self.read(rows), self.values)
 
+    def unexpressed(self) -> np.ndarray:
+        """Per cell, whether no gene has a positive value (one pass over the matrix)."""
+        empty = np.zeros(self.n_cells, dtype=bool)
+        for rows in self.chunks():
+            empty[rows] = (self.read(rows) > 0).getnnz(axis=1) == 0
+        return empty
+
     def read(self, rows: np.ndarray) -> Any:
         """Rows (ascending) of the chosen matrix as scipy CSR, as stored."""
         from cellpuzzle_cli.build_context.rows import read_rows_csr
 
-        if self.in_memory is not None:
-            return self.in_memory[rows]
-        return read_rows_csr(self.spec, rows)
+        return read_rows_csr(self.spec, rows, self.in_memory)
 
 
 def naming(genes: np.ndarray) -> str:
     """How a file names its genes, for messages: Ensembl IDs or symbols."""
     ids = sum(1 for g in genes if _ENSEMBL.match(str(g)))
     return "Ensembl IDs" if genes.size and ids > genes.size / 2 else "gene symbols"
+
+
+def _named(column: Coded) -> Coded:
+    """A cluster column with blank names and spellings of a missing value ('', 'nan', 'NA')
+    read as no value, as the label policy reads labels: such cells share no cluster."""
+    from cellpuzzle_cli.annotate.evaluate import known_label
+
+    codes, cats = column
+    blank = np.asarray([known_label(str(c)) is None for c in cats] + [True])
+    return np.where(blank[codes], -1, codes).astype(codes.dtype), cats
 
 
 def open_query(path: Path, root: Path, cluster_col: str | None, gene_col: str | None,
@@ -102,11 +117,12 @@ def open_query(path: Path, root: Path, cluster_col: str | None, gene_col: str | 
                                 f"{', '.join(opened.obs.columns) or '(none)'}. Pass --cluster-col "
                                 "with the column of cluster names, or leave it out to cluster "
                                 "the cells here.")
-            clusters = opened.obs.column(cluster_col)
+            clusters = _named(opened.obs.column(cluster_col))
             if (clusters[0] < 0).any():
                 raise UserError(f"{path}: {int((clusters[0] < 0).sum())} cells have no value in "
-                                f"'{cluster_col}'. Give every cell a cluster, or leave "
-                                "--cluster-col out to cluster the cells here.")
+                                f"'{cluster_col}' (missing, empty or 'nan'). Give every "
+                                "cell a cluster, or leave --cluster-col out to cluster the "
+                                "cells here.")
         in_memory = None
         if spec.kind == "csc":
             from anndata.io import read_elem

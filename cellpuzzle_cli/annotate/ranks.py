@@ -69,13 +69,15 @@ def matrix_chunks(jobs: list[tuple[Any, Any, np.ndarray, Any, np.ndarray, np.nda
     """(tag, ranked lists) per job, in job order; a job is (tag, MatrixSpec, rows, in-memory
     CSR or None, keep mask, vocabulary index per column)."""
     from cellpuzzle_cli.build_context.build import ordered_results
-    from cellpuzzle_cli.build_context.rows import topk_task
+    from cellpuzzle_cli.build_context.rows import refuse_nonfinite, topk_task
 
     def tasks():
         for tag, spec, rows, in_memory, keep, idx in jobs:
-            yield ((tag, idx), in_memory is not None, topk_task, (spec, rows, k, in_memory, keep))
+            yield ((tag, spec, rows, idx), in_memory is not None, topk_task,
+                   (spec, rows, k, in_memory, keep))
 
-    for (tag, idx), (lengths, genes, _) in ordered_results(tasks(), pool, depth):
+    for (tag, spec, rows, idx), (lengths, genes, stats) in ordered_results(tasks(), pool, depth):
+        refuse_nonfinite(spec, rows, stats)   # as build-context: a NaN is not "not expressed"
         yield tag, Ranked(lengths.astype(np.int64), idx[genes])
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from cellpuzzle_cli.annotate.cluster import Clustering, cluster_query, given_clusters
 from cellpuzzle_cli.annotate.decide import UNASSIGNED, Decision, decide, smooth
+from cellpuzzle_cli.annotate.evaluate import mismatch_warning
 from cellpuzzle_cli.annotate.evidence import Backend, Evidence
 from cellpuzzle_cli.annotate.model_backend import ModelBackend, TrainedModel
 from cellpuzzle_cli.annotate.output import obs_columns, write_annotated, write_clusters
@@ -40,6 +41,7 @@ class FileResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     evaluation: dict[str, Any] = field(default_factory=dict)   # with --truth-col
+    warnings: list[str] = field(default_factory=list)          # also said in the run's warnings
 
 
 @dataclass
@@ -93,10 +95,7 @@ def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: 
     if settings.backend in MODEL_BACKENDS and model is None:
         raise UserError(f"--backend {settings.backend} needs a trained model: pass --model.")
     inputs = [query] if isinstance(query, (str, Path)) else list(query)
-    files = find_files([Path(p) for p in inputs], (".h5ad",), "query")
-    if not files:
-        raise UserError(f"No .h5ad files found in {', '.join(map(str, inputs))}. Point annotate "
-                        "at an .h5ad file or a folder that holds them.")
+    files = query_files(inputs, out_dir)
     warnings: list[str] = []
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         queries = [open_query(path, root, settings.cluster_col, settings.gene_col,
@@ -119,6 +118,7 @@ def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: 
                 result, table, panel = _annotate_file(q, backend, names, columns, settings, pool,
                                                       tmp, made_from, progress)
                 results.append(result)
+                warnings.extend(result.warnings)
                 rows.extend(table)
                 panels.append(panel)
         finally:
@@ -140,6 +140,21 @@ def run_annotate(query: Path | Sequence[Path], reference: Path | None, out_dir: 
                           str(reference) if reference is not None else "", names,
                           "cluster" if settings.by_cluster else "cell", results, warnings,
                           time.perf_counter() - started)
+
+
+def query_files(inputs: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """The query's .h5ad files, (file, root) as find_files gives them, leaving out any under an
+    output folder inside the query folder: annotated files written there are results, not more
+    queries, when the command runs again. (An output that is the query or holds it is the
+    runner's to refuse.)"""
+    out = Path(out_dir).resolve()
+    found = [(f, root) for f, root in find_files([Path(p) for p in inputs], (".h5ad",), "query")
+             if not (root.resolve() in out.parents and out in f.resolve().parents)]
+    if not found:
+        raise UserError(f"No .h5ad files found in {', '.join(map(str, inputs))}"
+                        + (f" outside the output folder {out_dir}" if out_dir else "")
+                        + ". Point annotate at an .h5ad file or a folder that holds them.")
+    return found
 
 
 def _reference(path: Path | None, settings: AnnotateSettings,
@@ -185,16 +200,15 @@ def _backend(ref: Reference | None, queries: list[QueryFile], settings: Annotate
         from cellpuzzle_cli.annotate.celltypist_backend import CellTypistBackend
 
         if ref is not None and ref.kind == "h5ad":
-            _shared_genes(queries, ref, query_genes)
+            _shared_genes(queries, ref, query_genes, [])
         backend = CellTypistBackend(ref, query_genes, settings, reference_h5ads, warnings,
                                     progress)
-        if not query_genes & set(backend.features.tolist()):
-            raise UserError(_no_shared(queries, "the CellTypist model", backend.features.size,
-                                       naming(backend.features), "its feature names"))
+        _overlap(queries, query_genes, "the CellTypist model", backend.features,
+                 f"{naming(backend.features)} from its feature names", warnings)
         return backend
     from cellpuzzle_cli.annotate.baseline_backend import MarkerBackend
 
-    vocab = _shared_genes(queries, ref, query_genes)
+    vocab = _shared_genes(queries, ref, query_genes, warnings)
     return MarkerBackend(ref, vocab, settings, pool, depth, warnings, progress)
 
 
@@ -202,7 +216,8 @@ def _model_backend(model: TrainedModel, ref: Reference | None, settings: Annotat
                    out_dir: Path, trust_remote_code: bool) -> ModelBackend:
     """The candidates the model chooses among: --candidates, else the reference's types, else
     the types of the model's training puzzles; its work folder sits beside the output."""
-    types = list(settings.candidates or (ref.types if ref is not None else model.types))
+    known = ref.types if ref is not None else model.types
+    types = spelled_as(settings.candidates, known) if settings.candidates else list(known)
     if not types:
         raise UserError(f"The model {model.path} is not one the manifest records as trained by "
                         "cellpuzzle (no sft, merge-lora or rl run made it from training "
@@ -210,6 +225,16 @@ def _model_backend(model: TrainedModel, ref: Reference | None, settings: Annotat
                         "types to choose from, or --reference with labelled data.")
     work = out_dir.parent / f".{out_dir.name}.votes"
     return ModelBackend(model, types, settings, work, trust_remote_code)
+
+
+def spelled_as(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Candidate names as the label policy reads labels (Unicode NFC, invisible characters and
+    extra white space gone), each in the spelling of the known type it names (case ignored),
+    so the labels written are the reference's (or the model's) own."""
+    from cellpuzzle_cli.build_context.label_policy import tidy
+
+    spelling = {type_key(t): t for t in known}
+    return [spelling.get(type_key(tidy(n)), tidy(n)) for n in names]
 
 
 def _votes_warning(backend: ModelBackend) -> list[str]:
@@ -221,32 +246,43 @@ def _votes_warning(backend: ModelBackend) -> list[str]:
     return [warning] if warning else []
 
 
-def _shared_genes(queries: list[QueryFile], ref: Reference, query_genes: set[str]) -> Vocabulary:
-    shared = sorted(query_genes & {str(g) for g in ref.genes})
-    if not shared:
-        raise UserError(_no_shared(queries, f"the reference {ref.path}", ref.genes.size,
-                                   ref.genes_from.split(" from ")[0],
-                                   ref.genes_from.split(" from ")[-1]))
+def _shared_genes(queries: list[QueryFile], ref: Reference, query_genes: set[str],
+                  warnings: list[str]) -> Vocabulary:
+    shared = _overlap(queries, query_genes, f"the reference {ref.path}", ref.genes,
+                      ref.genes_from, warnings)
     return Vocabulary(np.asarray(shared, dtype=object))
 
 
-def _no_shared(queries: list[QueryFile], what: str, n_ref: int, ref_naming: str,
-               ref_from: str) -> str:
+def _overlap(queries: list[QueryFile], query_genes: set[str], what: str, genes: np.ndarray,
+             described: str, warnings: list[str]) -> list[str]:
+    """The gene names query and reference (or model) share, sorted. None is an error; fewer
+    than half of the smaller side's genes is a warning, since the labels then rest on a part
+    of what was measured (a naming half converted, or version suffixes on one side)."""
+    theirs = {str(g) for g in genes}
+    shared = sorted(query_genes & theirs)
     q = queries[0]
-    return (f"The query {q.path} and {what} share no gene name: the query has "
-            f"{q.genes.size:,} genes ({naming(q.genes)}, from {q.genes_from}), {what} "
-            f"{n_ref:,} ({ref_naming}, from {ref_from}). Give both the same naming: pass "
-            "--gene-col with the var column that holds gene symbols (CELLxGENE's "
-            "feature_name), or convert Ensembl IDs to symbols before annotating.")
+    sides = (f"the query has {len(query_genes):,} genes ({naming(q.genes)}, from "
+             f"{q.genes_from}), {what} {len(theirs):,} ({described.replace(' from ', ', from ')})")
+    fix = ("pass --gene-col with the var column that holds gene symbols (CELLxGENE's "
+           "feature_name), or convert Ensembl IDs to symbols before annotating")
+    if not shared:
+        raise UserError(f"The query {q.path} and {what} share no gene name: {sides}. Give both "
+                        f"the same naming: {fix}.")
+    if len(shared) * 2 < min(len(query_genes), len(theirs)):
+        missing = sorted(query_genes - theirs)[:3]
+        warnings.append(f"The query and {what} share only {len(shared):,} gene names: {sides}. "
+                        f"The labels rest on those genes alone. Query genes {what} lacks: "
+                        f"{', '.join(missing)}. If both measured the same genes, {fix}.")
+    return shared
 
 
 def _candidates(backend: Backend, settings: AnnotateSettings,
                 ref: Reference | None) -> tuple[list[str], np.ndarray]:
-    """Candidate names (as the user wrote them) and their columns in the evidence."""
+    """Candidate names (as the reference spells them) and their columns in the evidence."""
     index = {type_key(t): i for i, t in enumerate(backend.types)}
     if settings.candidates is None:
         return list(backend.types), np.arange(len(backend.types))
-    names = [" ".join(c.split()) for c in settings.candidates]
+    names = spelled_as(settings.candidates, backend.types)
     missing = [n for n in names if type_key(n) not in index]
     if missing:
         where = f"the reference {ref.path}" if ref is not None else "the CellTypist model"
@@ -273,24 +309,44 @@ def _annotate_file(q: QueryFile, backend: Backend, names: list[str], columns: np
     if step:
         step(0, total=q.n_cells)
     evidence = backend.evidence(q, clustering.codes, n_clusters, pool, step)
+    empty, silent = _unexpressed(q, evidence, backend)
     prob = evidence.prob if settings.by_cluster else smooth(evidence.prob, clustering,
                                                               settings.smooth_neighbors)
     decision = decide(prob, columns, clustering, settings.by_cluster, settings.one_to_one,
                       settings.min_confidence)
-    notes = list(q.notes) + ([clustering.note] if clustering.note else [])
+    decision.labels[empty] = -1
+    decision.confidence[empty] = 0.0
+    notes = list(q.notes) + ([clustering.note] if clustering.note else []) + silent
     label_names, label_codes = _label_codes(decision.labels, names)
     uns = _uns(backend, reference, names, settings, how, notes)
     write_annotated(q.path, tmp / q.output, obs_columns(label_names, label_codes,
                                                         decision.confidence, clustering.names,
                                                         clustering.codes), uns)
     counts = {name: int((label_codes == i).sum()) for i, name in enumerate(label_names)}
+    evaluation = _evaluation(q, label_names, label_codes, names)
+    mismatch = mismatch_warning(q.output, str(settings.truth_col), evaluation)
     result = FileResult(str(q.path), q.output, q.n_cells, n_clusters,
                         f"{how} ({n_clusters} clusters)", int((decision.labels >= 0).sum()),
                         counts, float(decision.confidence.mean()), notes,
-                        time.perf_counter() - started, _evaluation(q, label_names, label_codes,
-                                                                   names))
+                        time.perf_counter() - started, evaluation,
+                        silent + ([mismatch] if mismatch else []))
     table = _cluster_rows(q, clustering, decision, evidence, names, columns)
     return result, table, _panel(q, clustering, decision, names, settings, backend)
+
+
+def _unexpressed(q: QueryFile, evidence: Evidence, backend: Backend) -> tuple[np.ndarray, list[str]]:
+    """Cells with no expressed gene the backend knows: nothing speaks for any type, so they are
+    'unassigned' with confidence 0 (their probability goes to "none", for their clusters too)."""
+    empty = evidence.empty if evidence.empty is not None else np.zeros(q.n_cells, dtype=bool)
+    if not empty.any():
+        return empty, []
+    evidence.prob[empty] = 0.0
+    evidence.prob[empty, -1] = 1.0
+    first = int(np.flatnonzero(empty)[0])
+    known = "the reference" if backend.name in ("baseline", "celltypist") else "the model"
+    note = (f"{q.output}: {int(empty.sum()):,} cells express no gene {known} knows (all-zero "
+            f"rows), e.g. row {first} (0-based); they are '{UNASSIGNED}' with confidence 0.")
+    return empty, [note]
 
 
 def _evaluation(q: QueryFile, label_names: list[str], label_codes: np.ndarray,

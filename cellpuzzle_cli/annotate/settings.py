@@ -79,7 +79,9 @@ class AnnotateSettings:
                             f"the backend is '{self.backend}'. Add --backend celltypist, or "
                             "leave the model file out.")
         if self.candidates is not None:
-            names = [" ".join(c.split()) for c in self.candidates]
+            from cellpuzzle_cli.build_context.label_policy import tidy
+
+            names = [tidy(c) for c in self.candidates]
             if not names or any(not n for n in names):
                 raise UserError("The candidate list is empty or holds an empty name. Give cell "
                                 "type names separated by commas, or leave --candidates out to "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellpuzzle_cli.annotate.settings import MODEL_BACKENDS
-from cellpuzzle_cli.io import Progress, find_files
+from cellpuzzle_cli.io import Progress
 from cellpuzzle_cli.manifest import Artifact, Kind
 
 if TYPE_CHECKING:
@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 
 def plan(job: Job) -> None:
+    from cellpuzzle_cli.annotate.service import query_files
     from cellpuzzle_cli.steps import from_ledger
 
-    queries = [path for path, _ in find_files(job.inputs["query"], (".h5ad",), "query")]
+    queries = [path for path, _ in query_files(job.inputs["query"], job.output)]
     job.artifacts = [a for a in job.artifacts if a.name != "query"]
     job.artifacts[:0] = [Artifact(path, "query") for path in queries]
     reference = job.inputs.get("reference")

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from cellpuzzle_cli.build_context.values import MatrixValues, probe_values
-from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.errors import UserError, existing_path
 
 DEFAULT_GENE_COL = "feature_name"
 _CURRENT_FRAME = ("dataframe", "0.2.0")    # read column by column
@@ -184,6 +184,7 @@ class _Opened:
 
 
 def open_h5ad(path: Path) -> _Opened:
+    existing_path(path, ".h5ad file")   # h5py says "not HDF5" of a file that is not there
     if not h5py.is_hdf5(path):
         raise UserError(f"{path} is not an HDF5 file, so it cannot be an .h5ad. Check that it "
                         "was downloaded completely and is an AnnData file (not a .loom or .rds).")
@@ -276,9 +277,9 @@ def gene_names(var: Frame, gene_col: str | None, path: Path, where: str,
                warnings: list[str], refuse_repeats: bool = True) -> tuple[np.ndarray, str]:
     """Gene symbols; `_ENSG…` suffixes stripped where the bare symbol stays unique.
 
-    Repeated names are refused unless `refuse_repeats` is False (a top-gene list could not tell
-    the genes apart; a reader that makes names unique itself may pass False); a warning says
-    when only Ensembl IDs exist.
+    Repeated and empty (or missing) names are refused unless `refuse_repeats` is False (a
+    top-gene list could not tell the genes apart, or would show a blank; a reader that makes
+    names unique itself may pass False); a warning says when only Ensembl IDs exist.
     """
     if gene_col is not None and gene_col not in var.columns:
         raise UserError(f"{path}: {where} has no column '{gene_col}'. Columns present: "
@@ -292,6 +293,13 @@ def gene_names(var: Frame, gene_col: str | None, path: Path, where: str,
         names = np.where(codes >= 0, cats[np.maximum(codes, 0)], "").astype(object)
         source = f"{where}.{col}"
     others = [c for c in var.columns if c != col]
+    blank = np.flatnonzero([not str(n).strip() for n in names])
+    if refuse_repeats and blank.size:
+        raise UserError(f"{path}: {blank.size} gene names in {source} are empty or missing, "
+                        f"e.g. column {int(blank[0])} of the matrix (0-based), so top-gene lists "
+                        "would show a blank for them. Pass --gene-col with a column that names "
+                        "every gene" + (f" (columns present: {', '.join(others)})" if others
+                                        else "") + ", or name them in the file.")
     if refuse_repeats:
         refuse_duplicates(names, f"gene names in {source}", path,
                           "Pass --gene-col with a column of unique names"

@@ -32,6 +32,7 @@ from cellpuzzle_cli.build_context.values import MatrixValues
 from cellpuzzle_cli.errors import UserError
 
 DEFAULT_DONOR_COL = "donor_id"
+_ONE_CELL_DONORS = 10   # this many cells or more, each its own donor: the donors are cells
 SUSPENSION_COL = "suspension_type"
 _TARGET_NNZ_PER_CHUNK = 4_000_000   # ~32 MB of values+indices per task
 
@@ -261,6 +262,20 @@ def donors_from_ids(cell_ids: np.ndarray, regex: str, path: Path) -> Coded:
 
 def _donor(obs: Frame, cell_ids: np.ndarray, config: ContextSettings, path: Path, dataset: str,
            warnings: list[str]) -> Coded:
+    donor = _donor_codes(obs, cell_ids, config, path, dataset, warnings)
+    codes = donor[0]
+    if codes.size >= _ONE_CELL_DONORS and np.unique(codes).size == codes.size:
+        source = (f"--donor-from-id '{config.donor_from_id}'" if config.donor_from_id is not None
+                  else f"the column '{config.donor_col or DEFAULT_DONOR_COL}'")
+        warnings.append(f"Each of the {codes.size:,} cells is a donor group of its own (donors "
+                        f"from {source}), so no puzzle can hold several cells of one donor. "
+                        "Check that it names donors, not cells (a --donor-from-id group should "
+                        "capture the donor part of the id only).")
+    return donor
+
+
+def _donor_codes(obs: Frame, cell_ids: np.ndarray, config: ContextSettings, path: Path,
+                 dataset: str, warnings: list[str]) -> Coded:
     if config.donor_from_id is not None:
         return donors_from_ids(cell_ids, config.donor_from_id, path)
     if config.donor_col is not None:

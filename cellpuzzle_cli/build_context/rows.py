@@ -198,19 +198,46 @@ def _kept_columns(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
     return out, indices[hit], values[hit]
 
 
-def read_rows_csr(spec: MatrixSpec, rows: np.ndarray) -> Any:
+def read_rows_csr(spec: MatrixSpec, rows: np.ndarray, in_memory: Any = None) -> Any:
     """Rows (ascending, unique) of any stored matrix as scipy CSR: what other steps read cells
-    with (predict's CellTypist reference), through the same fast paths as build-context."""
+    with (annotate, predict's CellTypist reference), through the same fast paths as
+    build-context (or from `in_memory`, a CSR copy of a matrix stored column-wise).
+
+    Values come as float32 where scipy cannot hold the stored type (float16), and non-finite
+    values are refused, as build-context refuses them: a NaN read as 0 would label a cell."""
     import scipy.sparse as sp
 
     shape = (rows.size, spec.shape[1])
     if rows.size == 0:
         return sp.csr_matrix(shape)
-    if spec.kind == "dense":
-        return sp.csr_matrix(_read_dense_rows(spec, rows))
-    if spec.kind == "csr":
+    if in_memory is not None:
+        block = in_memory[rows]
+    elif spec.kind == "dense":
+        block = sp.csr_matrix(_scipy_values(_read_dense_rows(spec, rows)))
+    elif spec.kind == "csr":
         indptr, indices, values = _read_csr_rows(spec, rows)
-        return sp.csr_matrix((values, indices, indptr), shape=shape)
-    from anndata.io import read_elem
+        block = sp.csr_matrix((_scipy_values(values), indices, indptr), shape=shape)
+    else:
+        from anndata.io import read_elem
 
-    return read_elem(_file(spec.path)[spec.key]).tocsr()[rows]
+        block = read_elem(_file(spec.path)[spec.key]).tocsr()[rows]
+    stats = _stats(block.data, lambda i: int(np.searchsorted(block.indptr, i, side="right")) - 1)
+    refuse_nonfinite(spec, rows, stats)
+    return block
+
+
+def _scipy_values(values: np.ndarray) -> np.ndarray:
+    """Values in a type scipy.sparse holds (it has no float16)."""
+    return values.astype(np.float32) if values.dtype == np.float16 else values
+
+
+def refuse_nonfinite(spec: MatrixSpec, rows: np.ndarray, stats: ChunkStats) -> None:
+    """A UserError naming the file, the matrix and a row, when a chunk held NaN or inf."""
+    if not stats.nonfinite:
+        return
+    row = int(rows[stats.first_nonfinite])
+    raise UserError(f"{spec.path}: {spec.label} holds non-finite values (NaN or infinite), "
+                    f"{stats.nonfinite} in rows {int(rows[0])}-{int(rows[-1])}, the first in "
+                    f"row {row} (0-based, as adata[{row}]); cells cannot be normalised or "
+                    "ranked by them. Replace them in the file (with 0 where they mean no "
+                    "expression) or recompute the matrix, and try again.")

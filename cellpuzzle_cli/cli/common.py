@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -105,6 +106,21 @@ def one_path(path: Path | None, overrides: list[str] | None,
         raise UserError(f"Several {what} given ({', '.join(map(str, paths))}); give one. "
                         "Settings go as key=value (e.g. seed=3).")
     return (paths[0] if paths else None), settings
+
+
+def output_file(value: str | None, option: str) -> Path | None:
+    """An option that names an output file, as typed: one ending in '/' (or naming a folder)
+    asks for a folder, which Path would silently turn into a file of that name."""
+    if value is None:
+        return None
+    if value.endswith(("/", os.sep)) or Path(value).is_dir():
+        from cellpuzzle_cli.errors import UserError
+
+        what = "is a folder" if Path(value).is_dir() else "ends in '/', naming a folder"
+        raise UserError(f"{option} {value} {what}, but {option} writes one file. Give a "
+                        f"file name, e.g. {option} {value.rstrip('/' + os.sep)}/score"
+                        f"{'.png' if option == '--plot' else '.' + option.lstrip('-')}.")
+    return Path(value)
 
 
 def say(*notes: str | None) -> None:

@@ -15,6 +15,7 @@ from cellpuzzle_cli.cli.common import (
     console,
     execute,
     given,
+    output_file,
     split_args,
 )
 from cellpuzzle_cli.runner import Outcome, Request
@@ -31,9 +32,9 @@ def score(
              "= one column each), and key=value settings. Default: every shard of the latest "
              "`predict` run in the manifest.",
         show_default=False)] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of accuracy by N here.")] = None,
-    html: Annotated[Path | None, typer.Option(
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of accuracy by N here.")] = None,
+    html: Annotated[str | None, typer.Option(
         "--html", help="Write a one-page HTML report here: the tables (with chance, per type), "
                        "and the plots embedded, so the one file opens in any browser.",
         show_default=False)] = None,
@@ -65,7 +66,8 @@ def score(
     options = given(ctx, cello1_compat=cello1_compat, partial=partial, bootstrap=bootstrap,
                     seed=seed)
     inputs = {"predictions": files, "reference": reference, "label ids": label_ids}
-    flags = {"json": json_out, "plot": plot, "html": html, "tokenizer": tokenizer}
+    flags = {"json": output_file(json_out, "--json"), "plot": output_file(plot, "--plot"),
+             "html": output_file(html, "--html"), "tokenizer": tokenizer}
     execute(ctx, Request("score", inputs, None, options, overrides, config, False, flags), fmt,
             _print)
 

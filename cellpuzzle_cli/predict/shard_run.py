@@ -82,16 +82,34 @@ class PredictResult:
 
 
 def _run_identity(settings: PredictJob, backend: str) -> dict[str, Any]:
-    """What a shard file depends on; kept in RUN_FILE and checked on resume."""
+    """What a shard file depends on; kept in RUN_FILE and checked on resume. The test data and
+    training puzzles by content, not path: puzzle ids are positions (make-qa's `G:n03:0007`),
+    so test data made again holds other puzzles under the same ids, whose old answers must not
+    be resumed; and a project folder moved elsewhere still resumes."""
     cfg = settings.settings
     return {
-        "data": str(Path(settings.data).resolve()),
+        "data": _content(settings.data),
         "backend": backend,
         "model": model_label(backend, settings),
-        "train": str(Path(settings.train).resolve()) if backend in TRAINED_BACKENDS else None,
+        "train": _content(settings.train) if backend in TRAINED_BACKENDS else None,
         "num_shards": settings.num_shards,
         **{k: getattr(cfg, k) for k in _ANSWER_KEYS},
     }
+
+
+def _content(path: Path | str) -> str:
+    from cellpuzzle_cli.io import describe
+
+    return f"sha256:{describe(Path(path))['sha256']}"
+
+
+def _same(key: str, old: Any, new: Any, settings: PredictJob) -> bool:
+    """Whether a recorded identity value matches; a run file from before identities held
+    content names its files by path, and is compared as it was."""
+    if key in ("data", "train") and isinstance(old, str) and not old.startswith("sha256:"):
+        path = settings.data if key == "data" else settings.train
+        return path is not None and old == str(Path(path).resolve())
+    return old == new
 
 
 def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -107,8 +125,10 @@ def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
                         "write the shard files there anyway.")
 
 
-def _check_resume(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to append to shard files made with other settings (before anything is written)."""
+def _check_resume(out_dir: Path, identity: dict[str, Any], overwrite: bool,
+                  settings: PredictJob) -> None:
+    """Refuse to append to shard files made with other settings or other test data (before
+    anything is written)."""
     path = out_dir / RUN_FILE
     if overwrite or not path.exists():
         return
@@ -116,12 +136,21 @@ def _check_resume(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> N
         old = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError:
         old = {}
-    changed = [k for k in identity if old.get(k) != identity[k]]
+    changed = [k for k in identity if not _same(k, old.get(k), identity[k], settings)]
     if changed:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {identity[k]!r}" for k in changed)
-        raise UserError(f"{out_dir} holds predictions made with other settings ({detail}). "
+        detail = "; ".join(f"{k}: {_shown(old.get(k))} -> {_shown(identity[k])}"
+                           for k in changed)
+        raise UserError(f"{out_dir} holds predictions made with other settings or data "
+                        f"({detail}). "
                         "Resuming would mix them. Use another -o folder, or pass --overwrite "
                         "to predict this shard again with the new settings.")
+
+
+def _shown(value: Any) -> str:
+    """An identity value for a message: a content hash shortened, anything else as it is."""
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return f"content {value[7:19]}…"
+    return repr(value)
 
 
 def _write_run_files(out_dir: Path, identity: dict[str, Any], settings: PredictJob,
@@ -236,7 +265,7 @@ def run_predict(settings: PredictJob, progress: Progress | None = None,
     _check_output_dir(out_dir, settings.overwrite)
     identity = _run_identity(settings, backend)
     model = identity["model"]
-    _check_resume(out_dir, identity, settings.overwrite)
+    _check_resume(out_dir, identity, settings.overwrite, settings)
     shard_file = out_dir / shard.filename
     # Lines beyond --limit (from an earlier, larger run) are kept: work is never thrown away.
     done = {} if settings.overwrite else read_done(shard_file,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellpuzzle_cli.errors import UserError
+from cellpuzzle_cli.io import spare_inputs
 from cellpuzzle_cli.manifest import Artifact, Kind, RunRecord
 from cellpuzzle_cli.score.plot import plot_by_n, render_plots
 from cellpuzzle_cli.score.report import ScoreResult, score_runs
@@ -100,6 +101,8 @@ def step(job: Job, progress: Progress | None = None) -> ScoreOutcome:
     reference, label_ids = job.inputs.get("reference"), job.inputs.get("label ids")
     json_out, plot, tokenizer = job.flag("json"), job.flag("plot"), job.flag("tokenizer")
     html = job.flag("html")
+    spare_inputs([("--json", json_out), ("--plot", plot), ("--html", html)],
+                 [*(f for r in runs for f in r.files), *filter(None, (reference, label_ids))])
     result = score_runs(runs, cello1_compat=settings.cello1_compat, tokenizer=tokenizer,
                         reference=reference, resamples=settings.bootstrap, seed=settings.seed,
                         label_ids=label_ids)
