@@ -8,6 +8,7 @@ and the curves to `curves.png`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_sec
                "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "total_flos",
                "train_loss")
 _PANELS = (("loss", "eval_loss"), ("learning_rate",), ("reward_mean",), ("legitimate_share",),
-           ("response_length",), ("kl",), ("token_accuracy",), ("grad_norm",))
+           ("response_length",), ("kl",), ("token_accuracy",), ("grad_norm",), ("n_mean",))
 
 
 def split_history(history: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -103,6 +104,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         if len(names) > 1 or names == ("reward_mean",):
             ax.legend(fontsize="small")
+        for end in stage_ends(rows):  # a curriculum's stage boundaries
+            ax.axvline(end, color="grey", linestyle=":", linewidth=1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if not panels:
@@ -113,6 +116,12 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def stage_ends(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The last logged step of each curriculum stage but the last (rows carry `stage`)."""
+    staged = [row for row in rows if "stage" in row]
+    return [a["step"] for a, b in itertools.pairwise(staged) if a["stage"] != b["stage"]]
 
 
 def finite_guard(what: str) -> Any:

@@ -219,9 +219,10 @@ def _tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def measure_prompts(cfg: Any, file: str, tokenizer: Any) -> PromptLengths:
-    """Prompt lengths as verl's dataset counts them: the chat template with the generation
-    prompt, tokenized without extra special tokens (`RLHFDataset.maybe_filter_out_long_prompts`)."""
+def prompt_lengths(cfg: Any, file: str, tokenizer: Any) -> list[int]:
+    """Each row's prompt length as verl's dataset counts it: the chat template with the
+    generation prompt, tokenized without extra special tokens
+    (`RLHFDataset.maybe_filter_out_long_prompts`)."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
@@ -233,8 +234,13 @@ def measure_prompts(cfg: Any, file: str, tokenizer: Any) -> PromptLengths:
                                            **kwargs)
              for messages in table.column(key).to_pylist()]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [len(x) for x in ids]
+
+
+def measure_prompts(cfg: Any, file: str, tokenizer: Any) -> PromptLengths:
+    """How many prompts of `file` exceed data.max_prompt_length (see `prompt_lengths`)."""
     limit = int(_get(cfg, "data.max_prompt_length", 0))
-    lengths = [len(x) for x in ids]
+    lengths = prompt_lengths(cfg, file, tokenizer)
     return PromptLengths(file=file, total=len(lengths),
                          too_long=sum(length > limit for length in lengths),
                          longest=max(lengths, default=0))
