@@ -212,3 +212,28 @@ def test_verl_refuses_reward_stages(cli, rl_data):
                  "--val-data", rl_data["val"], "--model", rl_data["model"], *SMALL_RL,
                  "--curriculum", "3:reward>=0.5/2,3-4:rest")
     assert_user_error(result, "advances on the reward", "--backend trl")
+
+
+# -- score ------------------------------------------------------------------------------------
+def test_score_gives_each_runs_gap_to_the_optimum_by_n_beside_chance(cli, tmp_path):
+    from fixtures import answered, message_text, prediction_lines
+
+    recs = make_records(12, seed=3, n_cells=(3, 4))
+    # every N 3 puzzle wrong (first two answers swapped), every N 4 puzzle right
+    texts = []
+    for r in recs:
+        items = r["assistant_msg"].split("<answer>")[-1].split("</answer>")[0].split(" | ")
+        if r["n"] == 3:
+            items[0], items[1] = items[1], items[0]
+        texts.append(answered(" | ".join(items)))
+    preds = write_records(tmp_path / "preds.jsonl", prediction_lines(recs, texts))
+    result = cli("score", preds, "--json", tmp_path / "r.json")
+    assert result.code == 0, result.output
+    by_n = orjson.loads((tmp_path / "r.json").read_bytes())["by_n"]
+    assert set(by_n) == {"3", "4"}
+    assert by_n["3"]["gap_to_optimum"] == 1.0 and by_n["4"]["gap_to_optimum"] == 0.0
+    assert by_n["3"]["chance_gap_to_optimum"] == pytest.approx(1 - 1 / 6)
+    assert by_n["4"]["chance_gap_to_optimum"] == pytest.approx(1 - 1 / 24)
+    text = message_text(result)
+    assert "gap to the optimum, 1 − exact match" in text
+    assert "3 1.000 0.833" in text and "4 0.000 0.958" in text

@@ -21,8 +21,8 @@ def print_gap_table(console: Any, reports: Sequence[Any]) -> None:
     such as a curriculum does to large puzzles reads at a glance."""
     from rich.table import Table
 
-    table = Table(title="By N: gap to the optimum, 1 − exact match (lower is better)",
-                  title_justify="left")
+    title = "By N: gap to the optimum, 1 − exact match (lower is better)"
+    table = Table(title=title, title_justify="left", min_width=len(title))
     table.add_column("N", justify="right")
     for r in reports:
         table.add_column(r.name, justify="right")
