@@ -129,7 +129,7 @@ def test_a_run_killed_mid_stage_resumes_in_that_stage(cli, train_file, tiny, tmp
     on stage 2's puzzles and logs exactly what an uninterrupted run logs."""
     from transformers import TrainerCallback
 
-    import cellpuzzle_cli.curves as curves
+    from cellpuzzle_cli import curves
 
     args = [*FAST, "logging_steps=1", "save_steps=2", "--curriculum", PLAN]
     whole = cli("sft", "--model", tiny, "--data", train_file, "-o", tmp_path / "whole", *args)
