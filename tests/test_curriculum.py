@@ -207,6 +207,34 @@ def test_verl_reads_the_stages_from_an_ordered_file(rl_data, tmp_path):
     assert st.get("data.shuffle") is False and st.get("data.train_files") == str(vc.staged)
 
 
+def test_verl_stages_leave_out_the_prompts_verls_filter_would_drop(rl_data, tmp_path):
+    """Rows verl's overlong filter drops would shift every later stage: they are left out of
+    the stages instead, and the note says how many."""
+    import pyarrow.parquet as pq
+
+    from cellpuzzle_cli.rl import curriculum, preflight, verl_backend
+    from cellpuzzle_cli.rl.settings import load_settings, to_overrides
+
+    keys = {"data.train_files": str(rl_data["train"]), "data.train_batch_size": 2,
+            "actor_rollout_ref.model.path": str(rl_data["model"]),
+            "trainer.total_training_steps": 3, "cellpuzzle.curriculum": "3:1,3-4:rest"}
+    cfg = verl_backend.compose_config(to_overrides(load_settings("grpo", overrides=keys).verl))
+    lengths = preflight.prompt_lengths(cfg, str(rl_data["train"]),
+                                       preflight.config_tokenizer(cfg))
+    sizes = [r["extra_info"]["n"] for r in pq.read_table(rl_data["train"]).to_pylist()]
+    limit = max(length for length, n in zip(lengths, sizes) if n == 3)
+    too_long = sum(length > limit for length in lengths)
+    assert too_long  # the puzzles of 4 cells have longer prompts
+    st = load_settings("grpo", overrides={**keys, "data.max_prompt_length": limit,
+                                          "data.filter_overlong_prompts": True})
+    notes: list[str] = []
+    vc = curriculum.plan_verl(st, tmp_path / "out", dry_run=False, notes=notes)
+    staged = pq.read_table(curriculum.write_staged(vc)).to_pylist()
+    assert {r["extra_info"]["n"] for r in staged} == {3}
+    assert any(f"{too_long} prompt(s) longer than data.max_prompt_length={limit}" in note
+               for note in notes)
+
+
 def test_verl_refuses_reward_stages(cli, rl_data):
     result = cli("rl", "grpo", "--dry-run", "--device", "cpu", "--data", rl_data["train"],
                  "--val-data", rl_data["val"], "--model", rl_data["model"], *SMALL_RL,

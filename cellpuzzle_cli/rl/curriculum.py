@@ -289,12 +289,12 @@ def _fitting_rows(settings: RLSettings, source: Path, count: int, notes: list[st
     model = settings.get(S.MODEL_KEY)
     if not settings.get("data.filter_overlong_prompts", False):
         return everything  # preflight refuses prompts verl would cut
-    if preflight.model_problem(model, load=False) or not preflight._is_local(model):
+    if preflight.model_problem(model, load=False) or not preflight.is_local(model):
         notes.append(f"{KEY}: prompt lengths not measured (no local model), so prompts verl's "
                      "filter drops would shift the stages.")
         return everything
     cfg = verl_backend.compose_config(S.to_overrides(settings.verl))
-    lengths = preflight.prompt_lengths(cfg, str(source), preflight._tokenizer(cfg))
+    lengths = preflight.prompt_lengths(cfg, str(source), preflight.config_tokenizer(cfg))
     limit = int(settings.get("data.max_prompt_length", 0))
     keep = [i for i, length in enumerate(lengths) if length <= limit]
     if len(keep) < count:
