@@ -244,6 +244,11 @@ def plan_verl(settings: RLSettings, output: Path, dry_run: bool,
     if settings.ours.curriculum is None:
         return None
     stages = parse_plan(settings.ours.curriculum, KEY)
+    if settings.get("algorithm.filter_groups.enable", False):
+        raise UserError(f"{KEY} lays its stages out as batches of data.train_batch_size prompts, "
+                        "but algorithm.filter_groups (DAPO) reads extra prompts to replace the "
+                        "groups it filters, so the steps would drift across stage boundaries. "
+                        "Drop one of the two.")
     source = settings.get(S.TRAIN_KEY)
     if isinstance(source, (list, tuple)):
         source = source[0] if len(source) == 1 else None
