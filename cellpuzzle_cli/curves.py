@@ -8,6 +8,7 @@ and the curves to `curves.png`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,14 +38,15 @@ TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_sec
                "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "total_flos",
                "train_loss")
 _PANELS = (("loss", "eval_loss"), ("learning_rate",), ("reward_mean",), ("legitimate_share",),
-           ("response_length",), ("kl",), ("token_accuracy",), ("entropy",), ("grad_norm",))
+           ("response_length",), ("kl",), ("token_accuracy",), ("entropy",), ("grad_norm",), ("n_mean",))
 # What each panel's y axis measures, and how a series is named in its legend.
 _Y_LABELS = {"loss": "loss (the training objective)", "learning_rate": "learning rate",
              "reward_mean": "reward (mean ± std per step)",
              "legitimate_share": "share of answers in the format",
              "response_length": "answer length (tokens)", "kl": "KL to the reference model",
              "token_accuracy": "share of target tokens right",
-             "entropy": "entropy (nats per token)", "grad_norm": "gradient norm (L2)"}
+             "entropy": "entropy (nats per token)", "grad_norm": "gradient norm (L2)",
+             "n_mean": "mean puzzle size N in the step"}
 _LEGEND = {"loss": "training loss", "eval_loss": "eval loss (held-out puzzles)",
            "reward_mean": "reward mean"}
 _MARKED_BELOW = 40     # series with fewer points than this show every point as a marker
@@ -121,6 +123,8 @@ def curves_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         if len(names) > 1 or names == ["reward_mean"]:
             ax.legend(fontsize="small")
+        for end in stage_ends(rows):  # a curriculum's stage boundaries
+            ax.axvline(end, color="grey", linestyle=":", linewidth=1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if not panels:
@@ -144,6 +148,12 @@ def _draw(ax, rows: Sequence[dict[str, Any]], name: str) -> None:
         ax.fill_between(steps, [v - s for v, s in zip(values, spread)],
                         [v + s for v, s in zip(values, spread)], alpha=0.2,
                         color=line.get_color(), label="± std")
+
+
+def stage_ends(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The last logged step of each curriculum stage but the last (rows carry `stage`)."""
+    staged = [row for row in rows if "stage" in row]
+    return [a["step"] for a, b in itertools.pairwise(staged) if a["stage"] != b["stage"]]
 
 
 def finite_guard(what: str) -> Any:

@@ -45,6 +45,7 @@ from cellpuzzle_cli.rationale import MODES as RATIONALE_MODES
 from cellpuzzle_cli.training_data import holdout, read_training_records
 
 if TYPE_CHECKING:
+    from cellpuzzle_cli.curriculum import Schedule
     from cellpuzzle_cli.runner import Job
 
 FINETUNE_MODES = ("lora", "full")
@@ -88,6 +89,7 @@ class SftSettings:
     rationale: Annotated[str, one_of(*RATIONALE_MODES)] = "template"  # see rationale.py
     rationale_genes: NonNegative = 3  # 0: bare `Cell i -> type` lines
     seed: Seed = 0
+    curriculum: str | None = None  # stages by N, e.g. 3-5:400,3-8:rest (see curriculum.py)
     # logging and checkpoints
     logging_steps: Count | None = None  # None: ~50 points over the run (every step up to 50)
     eval_steps: Count | None = None     # None: ~10 evaluations over the run (with eval_size > 0)
@@ -105,6 +107,16 @@ class SftSettings:
         if self.lr_scheduler_type not in choices:
             raise UserError(f"'lr_scheduler_type' must be one of {', '.join(choices)} "
                             f"(transformers' schedulers), got {self.lr_scheduler_type!r}.")
+        self.stage_lengths()
+
+    def stage_lengths(self) -> list[int] | None:
+        """Steps per curriculum stage (None without one); a malformed plan is refused."""
+        if self.curriculum is None:
+            return None
+        from cellpuzzle_cli.curriculum import fixed_lengths, parse_plan
+
+        return fixed_lengths(parse_plan(self.curriculum), self.max_steps if self.max_steps > 0
+                             else None, "curriculum", "max_steps", "sft has no reward")
 
 
 @dataclass
@@ -129,6 +141,7 @@ class SftResult:
     finetune: str = "lora"
     logging_interval: int = 0   # steps between logged points (derived when not set)
     notes: list[str] = field(default_factory=list)
+    curriculum: list[dict[str, Any]] | None = None  # per stage: sizes, steps, N mix, loss
 
     def summary(self) -> dict[str, Any]:
         """What the manifest keeps about the run (timings apart: see timings.json)."""
@@ -137,7 +150,8 @@ class SftResult:
                 "n_train": self.n_train, "n_eval": self.n_eval, "bf16": self.bf16,
                 "device": self.device, "trainable_params": self.trainable_params,
                 "targets": self.rationale_counts, "processes": self.processes,
-                "logging_interval": self.logging_interval}
+                "logging_interval": self.logging_interval,
+                **({"curriculum": self.curriculum} if self.curriculum else {})}
 
 
 def sft_examples(records: Sequence[dict[str, Any]], targets: Sequence[str]) -> list[dict[str, Any]]:
@@ -206,13 +220,16 @@ def lora_config(settings: SftSettings):
 
 def make_trainer(source: str, train_examples: list[dict], eval_examples: list[dict],
                  settings: SftSettings, work_dir: Path, trust_remote_code: bool = False,
-                 callbacks: Sequence[Any] = ()):
+                 callbacks: Sequence[Any] = (), schedule: Schedule | None = None):
     """An SFTTrainer with a fresh LoRA adapter (or the whole model, `finetune=full`); separate
-    from training so tests can inspect it."""
+    from training so tests can inspect it. With a curriculum `schedule`, `train_examples` are
+    already in stage order and transformers' sequential sampler reads them so."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
+
+    from cellpuzzle_cli.curriculum import boundary_logger
 
     # SFTTrainer wraps the model in LoRA before the Trainer seeds anything: seed here, or the
     # adapter's initial weights (and so every run) differ.
@@ -229,7 +246,9 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
     args = SFTConfig(
         output_dir=str(work_dir), seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
+        max_steps=schedule.total if schedule else settings.max_steps,
+        train_sampling_strategy="sequential" if schedule else "random",
+        per_device_train_batch_size=settings.per_device_train_batch_size,
         per_device_eval_batch_size=settings.per_device_eval_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         warmup_steps=settings.warmup_steps, lr_scheduler_type=settings.lr_scheduler_type,
@@ -247,7 +266,8 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_examples),
                              eval_dataset=Dataset.from_list(eval_examples) if has_eval else None,
                              processing_class=tokenizer, peft_config=lora_config(settings),
-                             callbacks=list(callbacks))
+                             callbacks=[*callbacks, *([boundary_logger(schedule.ends)]
+                                                      if schedule else [])])
     except ValueError as exc:
         if "Target modules" in str(exc) or "target_modules" in str(exc):
             raise UserError(f"LoRA target_modules={settings.target_modules!r} match no layer of "
@@ -327,6 +347,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     Under torchrun every process trains; only the main one prepares the checkpoint folder and
     writes the output.
     """
+    from cellpuzzle_cli import curriculum
     from cellpuzzle_cli.curves import eval_leaves_training_alone, finite_guard, write_curves
     from cellpuzzle_cli.distributed import is_main_process, world_size
 
@@ -334,6 +355,9 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     records = read_training_records(data)
     source = model_source(model)
     train_ex, eval_ex, counts = prepare_examples(records, settings)
+    n_train, schedule = len(train_ex), curriculum.sft_schedule(records, settings, data, world_size())
+    if schedule is not None:
+        train_ex = [train_ex[i] for i in schedule.order]
     main = is_main_process()
     work = checkpoint_dir(out)
     if main:
@@ -342,7 +366,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
         ckpt = latest_checkpoint(work) if resume else None
     callbacks = [finite_guard("sft"), eval_leaves_training_alone(),
                  *([progress_callback(progress)] if progress and main else [])]
-    trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks)
+    trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks,
+                           schedule)
     t0 = time.perf_counter()
     try:
         train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -355,7 +380,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     first, last = _losses(trainer.state.log_history)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     notes = _adapter_note(trainer.model, trainable, settings)
-    result = SftResult(out=out, base_model=source, data=Path(data), n_train=len(train_ex),
+    result = SftResult(out=out, base_model=source, data=Path(data), n_train=n_train,
                        n_eval=len(eval_ex), steps=trainer.state.global_step,
                        train_loss=float(train_out.training_loss), first_loss=first,
                        last_loss=last, eval_loss=eval_loss, runtime_s=runtime,
@@ -363,7 +388,9 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
                        trainable_params=trainable, resumed_from=str(ckpt) if ckpt else None,
                        rationale_counts=counts, processes=world_size(),
                        finetune=settings.finetune,
-                       logging_interval=int(trainer.state.logging_steps or 0), notes=notes)
+                       logging_interval=int(trainer.state.logging_steps or 0), notes=notes,
+                       curriculum=schedule and curriculum.summary(schedule,
+                                                                  trainer.state.log_history))
     if not main:
         return result
     with atomic_output_dir(out, overwrite=overwrite or resume) as tmp:
@@ -372,7 +399,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
             sort_adapter_module_lists(tmp / "adapter_config.json")
         trainer.processing_class.save_pretrained(tmp)
         save_settings(tmp, "sft", settings)
-        write_curves(tmp, trainer.state.log_history, f"sft ({settings.finetune})")
+        write_curves(tmp, trainer.state.log_history, f"sft ({settings.finetune})",
+                     extra=schedule and curriculum.step_extras(schedule, trainer.state.log_history))
         if settings.keep_checkpoints and work.exists():
             shutil.move(str(work), tmp / "checkpoints")
     shutil.rmtree(work, ignore_errors=True)

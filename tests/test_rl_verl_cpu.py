@@ -218,6 +218,31 @@ def test_canary_stops_a_run_that_scores_with_another_reward(job, tmp_path):
     assert not (tmp_path / "rl" / "global_step_40").exists()
 
 
+@needs_runtime
+@pytest.mark.slow
+def test_grpo_curriculum_on_cpu_reads_its_stages_in_order(tmp_path):
+    """verl reads the curriculum's ordered file as written: step 1 scores puzzles of 3 cells
+    only, step 2 puzzles of 4 (`--curriculum 3:1,4:rest`)."""
+    from cellpuzzle_cli.answer import answer_items
+    from cellpuzzle_cli.to_parquet import rl_rows, write_parquet
+
+    records = make_records(10, seed=2, n_cells=(3, 4), genes_per_cell=4)
+    write_parquet(tmp_path / "train.parquet", rl_rows(records[:8], "train"))
+    write_parquet(tmp_path / "val.parquet", rl_rows(records[8:], "val"))
+    out = tmp_path / "rl"
+    result = run_isolated("rl", "grpo", "--device", "cpu", "--data", tmp_path / "train.parquet",
+                          "--val-data", tmp_path / "val.parquet", "--model",
+                          tiny_model_dir(tmp_path / "model"), "-o", out, *SMALL,
+                          "trainer.total_training_steps=2", "trainer.save_freq=2",
+                          "--curriculum", "3:1,4:rest", manifest=tmp_path / "cellpuzzle.json")
+    assert result.code == 0, result.output[-8000:]
+    calls = _jsonl(out / "reward_calls.jsonl")
+    assert len(calls) == 2 * 2 * 4
+    sizes = [len(answer_items(c["ground_truth"])) for c in calls]
+    assert sizes == [3] * 8 + [4] * 8
+    assert "stage 2: N 4, steps 2-2" in " ".join(result.output.split())
+
+
 # -- the CPU keys ----------------------------------------------------------------------------
 
 def test_cpu_dry_run_sets_the_cpu_keys(cli, small, tmp_path):

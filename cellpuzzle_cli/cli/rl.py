@@ -54,6 +54,11 @@ FailOnFlat = Annotated[bool | None, typer.Option(
     help="TRL: exit 2 (writing nothing) when no group's rewards ever differed, i.e. GRPO left "
          "the model unchanged. Default: a loud warning (cellpuzzle.fail_on_flat_reward).",
     show_default=False)]
+Curriculum = Annotated[str | None, typer.Option(
+    "--curriculum", help="Small puzzles first: stages SIZES:LENGTH in order, LENGTH steps, "
+                         "rest, or (TRL) reward>=X/W (the mean reward of the last W steps), "
+                         "e.g. '3-4:20|reward>=0.5/5,3-5:rest'. verl: steps only, read from an "
+                         "ordered file. Overrides cellpuzzle.curriculum.", show_default=False)]
 
 
 GRPO_HELP = """GRPO with the CellPuzzles reward (Cell-o1's settings: configs/grpo.yaml).
@@ -88,12 +93,13 @@ def rl_command(
     output: OptionalOutputDir = None,
     seed: OptionalSeed = None,
     fail_on_flat_reward: FailOnFlat = None,
+    curriculum: Curriculum = None,
     overwrite: Overwrite = False,
     fmt: Format = OutputFormat.human,
 ) -> None:
     """`rl grpo` and `rl ppo` (the algorithm is the subcommand's name)."""
     ours = given(ctx, backend=backend, device=device, ray_address=ray_address, seed=seed,
-                 fail_on_flat_reward=fail_on_flat_reward)
+                 fail_on_flat_reward=fail_on_flat_reward, curriculum=curriculum)
     options = {f"cellpuzzle.{key}": value for key, value in ours.items()}
     flags = {"dry_run": dry_run, "nnodes": nnodes, "gpus_per_node": gpus_per_node}
     execute(ctx, Request(f"rl {ctx.command.name}", {"train": data, "val": val_data,
@@ -112,7 +118,25 @@ def _show(outcome: Outcome) -> None:
         _print_result(result)
 
 
+def _print_stages(stages: list[dict] | None) -> None:
+    """A curriculum's stages: as planned (dry run) or as trained."""
+    for stage in stages or []:
+        if "plan" in stage:
+            console.print(f"  stage {stage['stage']}: {stage['plan']}", highlight=False)
+            continue
+        mix = ", ".join(f"N {n}: {count}" for n, count in stage["n_mix"].items())
+        reward = stage.get("reward")
+        console.print(f"  stage {stage['stage']}: N {stage['sizes']}, steps {stage['steps'][0]}-"
+                      f"{stage['steps'][1]} ({mix})"
+                      + ("" if reward is None else f", mean reward {reward:.3f}")
+                      + (f", ended by {stage['ended_by']}" if "ended_by" in stage else ""),
+                      highlight=False)
+
+
 def _print_dry_run(result) -> None:
+    if result.curriculum:
+        console.print("[green]Curriculum[/green] (stages in order):")
+        _print_stages(result.curriculum)
     if result.command:
         console.print("[green]verl accepted the config.[/green] Command:")
         console.print(shlex.join(result.command), soft_wrap=True, highlight=False, markup=False)
@@ -133,12 +157,14 @@ def _print_result(result) -> None:
             first, last = health["reward_first_fifth"], health["reward_last_fifth"]
             console.print(f"Mean reward, first fifth of the rounds -> last fifth: {first:.3f} -> "
                           f"{last:.3f} ({'rising' if last > first else 'not rising'}).")
+        _print_stages(result.curriculum)
     else:
         if result.reward_calls is not None:
             console.print(f"Reward canary: verl called cellpuzzle's reward "
                           f"({result.reward_calls} call(s) logged).")
         console.print(f"[green]verl finished.[/green] Checkpoints in {result.output}; convert one "
                       f"with `cellpuzzle convert-ckpt {result.output}`.")
+        _print_stages(result.curriculum)
 
 
 app.command("grpo", help=GRPO_HELP)(rl_command)

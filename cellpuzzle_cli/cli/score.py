@@ -83,7 +83,7 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
 def _print(outcome: Outcome) -> None:
     from rich.table import Table
 
-    from cellpuzzle_cli.cli.score_tables import chance_cell, print_family_tables
+    from cellpuzzle_cli.cli.score_tables import chance_cell, print_family_tables, print_gap_table
 
     result = outcome.result.result
     reports = result.reports
@@ -116,6 +116,7 @@ def _print(outcome: Outcome) -> None:
         by_n.add_row(str(n), *row, chance_cell(next((r.by_n[n] for r in reports
                                                      if n in r.by_n), None)))
     console.print(by_n)
+    print_gap_table(console, reports)
     print_family_tables(console, reports)
     for r in reports:
         if r.missing:

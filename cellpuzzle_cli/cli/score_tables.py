@@ -16,6 +16,25 @@ def chance_cell(metrics: dict[str, Any] | None) -> str:
     return f"{metrics['chance_cell_accuracy']:.3f} / {metrics['chance_exact_match']:.3g}"
 
 
+def print_gap_table(console: Any, reports: Sequence[Any]) -> None:
+    """By N, each run's gap to the optimum (1 − exact match) beside chance's: what a change
+    such as a curriculum does to large puzzles reads at a glance."""
+    from rich.table import Table
+
+    title = "By N: gap to the optimum, 1 − exact match (lower is better)"
+    table = Table(title=title, title_justify="left", min_width=len(title))
+    table.add_column("N", justify="right")
+    for r in reports:
+        table.add_column(r.name, justify="right")
+    table.add_column("chance", justify="right", style="dim")
+    for n in sorted({k for r in reports for k in r.by_n}):
+        rows = [r.by_n.get(n) for r in reports]
+        chance = next((m["chance_gap_to_optimum"] for m in rows if m), None)
+        table.add_row(str(n), *[f"{m['gap_to_optimum']:.3f}" if m else "-" for m in rows],
+                      "-" if chance is None else f"{chance:.3f}")
+    console.print(table)
+
+
 def print_family_tables(console: Any, reports: Sequence[Any]) -> None:
     """Chance, macro-F1 and hierarchical metrics side by side, then per-type F1 per run."""
     from rich.table import Table

@@ -39,6 +39,10 @@ def sft(
         "--rationale", help="Targets without a <think> block get one: 'template' (marker genes "
                             "learned from the training puzzles; with rationale_genes=0 bare "
                             "'Cell i -> type' lines) or 'none' (empty).")] = None,
+    curriculum: Annotated[str | None, typer.Option(
+        "--curriculum", help="Small puzzles first: stages SIZES:STEPS in order, e.g. "
+                             "3:500,3-4:500,3-5:rest (rest: what max_steps leaves). Sets the "
+                             "`curriculum` key.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted (or kept-checkpoint) run for this -o folder.")]
     = False,
@@ -62,7 +66,7 @@ def sft(
 
     Example: cellpuzzle sft --nproc-per-node 2 -o adapter max_steps=30
     """
-    options = given(ctx, rationale=rationale, seed=seed)
+    options = given(ctx, rationale=rationale, seed=seed, curriculum=curriculum)
     flags = {"resume": resume, "nproc_per_node": nproc_per_node,
              "trust_remote_code": trust_remote_code, "argv": ARGV.get()}
     execute(ctx, Request("sft", {"base_model": model, "train": data}, output, options,
@@ -86,5 +90,10 @@ def _print_result(outcome: Outcome) -> None:
     console.print(f"  train loss   {fmt(result.train_loss)} mean "
                   f"(first logged {fmt(result.first_loss)}, last {fmt(result.last_loss)})")
     console.print(f"  eval loss    {fmt(result.eval_loss)}")
+    for stage in result.curriculum or []:
+        mix = ", ".join(f"N {n}: {count}" for n, count in stage["n_mix"].items())
+        console.print(f"  stage {stage['stage']}      N {stage['sizes']}, steps "
+                      f"{stage['steps'][0]}-{stage['steps'][1]}, loss {fmt(stage['loss'])} "
+                      f"({mix})")
     console.print(f"  trainable    {result.trainable_params:,} "
                   f"{'model' if finetune == 'full' else 'adapter'} parameters")

@@ -29,7 +29,7 @@ MODEL = "actor_rollout_ref.model"
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.safetensors.index.json", "*.bin.index.json")
 
 
-def _is_local(value: Any) -> bool:
+def is_local(value: Any) -> bool:
     return bool(value) and not str(value).startswith(REMOTE)
 
 
@@ -41,7 +41,7 @@ def model_problem(path: Any, trust_remote_code: bool = False, load: bool = True)
     With `load`, its config and tokenizer are loaded too (seconds, even for a 7B model: the
     weights are only looked for, not read).
     """
-    if not _is_local(path):
+    if not is_local(path):
         return None
     folder = Path(str(path)).expanduser()
     if not folder.exists():
@@ -206,7 +206,7 @@ def _files(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def _tokenizer(cfg: Any) -> Any:
+def config_tokenizer(cfg: Any) -> Any:
     from transformers import AutoTokenizer
 
     path = _get(cfg, f"{MODEL}.tokenizer_path") or _get(cfg, f"{MODEL}.path")
@@ -219,9 +219,10 @@ def _tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def measure_prompts(cfg: Any, file: str, tokenizer: Any) -> PromptLengths:
-    """Prompt lengths as verl's dataset counts them: the chat template with the generation
-    prompt, tokenized without extra special tokens (`RLHFDataset.maybe_filter_out_long_prompts`)."""
+def prompt_lengths(cfg: Any, file: str, tokenizer: Any) -> list[int]:
+    """Each row's prompt length as verl's dataset counts it: the chat template with the
+    generation prompt, tokenized without extra special tokens
+    (`RLHFDataset.maybe_filter_out_long_prompts`)."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
@@ -233,8 +234,13 @@ def measure_prompts(cfg: Any, file: str, tokenizer: Any) -> PromptLengths:
                                            **kwargs)
              for messages in table.column(key).to_pylist()]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [len(x) for x in ids]
+
+
+def measure_prompts(cfg: Any, file: str, tokenizer: Any) -> PromptLengths:
+    """How many prompts of `file` exceed data.max_prompt_length (see `prompt_lengths`)."""
     limit = int(_get(cfg, "data.max_prompt_length", 0))
-    lengths = [len(x) for x in ids]
+    lengths = prompt_lengths(cfg, file, tokenizer)
     return PromptLengths(file=file, total=len(lengths),
                          too_long=sum(length > limit for length in lengths),
                          longest=max(lengths, default=0))
@@ -252,11 +258,11 @@ def check_prompts(cfg: Any) -> list[str]:
     filtered = bool(_get(cfg, "data.filter_overlong_prompts", False))
     files = [(f, "train") for f in _files(_get(cfg, "data.train_files"))]
     files += [(f, "val") for f in _files(_get(cfg, "data.val_files"))]
-    files = [(f, split) for f, split in files if _is_local(f) and Path(f).expanduser().is_file()]
+    files = [(f, split) for f, split in files if is_local(f) and Path(f).expanduser().is_file()]
     tokenizer_path = _get(cfg, f"{MODEL}.tokenizer_path") or _get(cfg, f"{MODEL}.path")
-    if not files or not _is_local(tokenizer_path):
+    if not files or not is_local(tokenizer_path):
         return []  # remote data or model: nothing to measure here
-    tokenizer = _tokenizer(cfg)
+    tokenizer = config_tokenizer(cfg)
     notes: list[str] = []
     left = {"train": 0, "val": 0}
     cut = {"train": 0, "val": 0}

@@ -61,6 +61,7 @@ class RLResult:
     warnings: list[str] = field(default_factory=list)  # e.g. no reward spread: nothing learnt
     summary: dict[str, Any] = field(default_factory=dict)
     record: RunRecord | None = None  # the manifest entry of a finished run
+    curriculum: list[dict[str, Any]] | None = None  # the stages (planned, or as trained)
 
     @property
     def records(self) -> list[RunRecord]:
@@ -183,6 +184,7 @@ def _record(req: RLRequest, st: S.RLSettings, result: RLResult) -> RunRecord:
 
 def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, Path],
               notes: list[str]) -> RLResult:
+    from cellpuzzle_cli.rl import curriculum as rl_curriculum
     from cellpuzzle_cli.rl import preflight
 
     if st.ours.device == "cpu":
@@ -194,12 +196,24 @@ def _run_verl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, 
     canary = preflight.RewardCanary(output) if st.ours.reward_canary else None
     if canary:
         _add_canary_keys(st, canary)
-    vplan = _checked_plan(req, st, notes)
+    vc = rl_curriculum.plan_verl(st, output, req.dry_run, notes)
+    if vc is not None and not req.dry_run:  # the checks below read the file verl will read
+        rl_curriculum.write_staged(vc)
+    try:
+        vplan = _checked_plan(req, st, notes)
+    except UserError:
+        if vc is not None and not req.dry_run:
+            vc.staged.unlink(missing_ok=True)
+        raise
     result = RLResult(req.algorithm, "verl", req.dry_run, output, command=vplan.command,
-                      overrides=vplan.overrides, notes=notes, inputs=inputs)
+                      overrides=vplan.overrides, notes=notes, inputs=inputs,
+                      curriculum=vc.summary() if vc else None)
     if not req.dry_run:
         result.exit_code = _launch(req, st, output, vplan, canary)
         result.reward_calls = canary.calls() if canary else None
+        if vc is not None:
+            result.curriculum = vc.summary(canary.metrics_log if canary else None)
+            result.summary = {"curriculum": result.curriculum}
     return result
 
 
@@ -339,11 +353,18 @@ def _run_trl(req: RLRequest, st: S.RLSettings, output: Path, inputs: dict[str, P
     result = RLResult(req.algorithm, "trl", req.dry_run, output, overrides=S.to_overrides(st.verl),
                       notes=notes + [tplan.ignored_note], inputs=inputs, grpo_args=tplan.grpo_args)
     if req.dry_run:
+        if st.ours.curriculum is not None:
+            from cellpuzzle_cli.curriculum import parse_plan
+
+            result.curriculum = [{"stage": k, "plan": str(stage)} for k, stage in
+                                 enumerate(parse_plan(st.ours.curriculum), 1)]
         return result
     _check_files(st, [S.TRAIN_KEY, S.MODEL_KEY])
     trained = trl_backend.run_grpo(st, tplan, output, overwrite=req.overwrite, progress=progress)
     result.steps, result.rewards = trained.steps, trained.rewards
     result.summary = {"steps": trained.steps, "reward_health": trained.health.summary()}
+    if trained.curriculum:
+        result.curriculum = result.summary["curriculum"] = trained.curriculum
     if warning := trained.health.warning():
         result.warnings.append(warning)
     if trained.dropped_prompts:

@@ -64,6 +64,13 @@ class Ours:
     seed: Seed = 0
     logging_steps: Count = 1
     fail_on_flat_reward: bool = False  # TRL: exit 2 when no group's rewards ever differed
+    curriculum: str | None = None  # stages by N, e.g. 3-5:40,3-8:rest (cellpuzzle_cli.curriculum)
+
+    def validate(self) -> None:
+        if self.curriculum is not None:
+            from cellpuzzle_cli.curriculum import parse_plan
+
+            parse_plan(self.curriculum, f"{OURS}.curriculum")
 
 
 # verl keys whose values cellpuzzle reads itself (batch arithmetic, the TRL plan): checked here,

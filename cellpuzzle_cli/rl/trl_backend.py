@@ -44,6 +44,7 @@ class TrlResult:
     dropped_prompts: int
     health: RewardHealth
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    curriculum: list[dict[str, Any]] | None = None  # per stage: sizes, steps, N mix, reward
 
 
 def _num(settings: RLSettings, key: str, default: Any, kind: type = float) -> Any:
@@ -165,8 +166,9 @@ def _drop_long(rows: list[dict[str, Any]], tokenizer: Any, max_len: int | None) 
 class _RewardRecorder:
     """Wraps our TRL reward: same values, and each call's completions kept for the log file."""
 
-    def __init__(self, reward_fn: Callable[..., list[float]]):
-        self.reward_fn = reward_fn
+    def __init__(self, reward_fn: Callable[..., list[float]],
+                 observe: Callable[[list[float]], None] | None = None):
+        self.reward_fn, self.observe = reward_fn, observe  # observe: a curriculum's stage test
         self.records: list[dict[str, Any]] = []
         self.calls = 0
         self.__name__ = reward_fn.__name__
@@ -179,6 +181,8 @@ class _RewardRecorder:
             self.records.append({"call": self.calls, "completion": completion_text(c),
                                  "ground_truth": g, "reward": r})
         self.calls += 1
+        if self.observe is not None:
+            self.observe(list(rewards))
         return rewards
 
 
@@ -207,7 +211,8 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
     if not rows:
         raise UserError(f"Every prompt is longer than data.max_prompt_length "
                         f"({settings.get('data.max_prompt_length')} tokens). Raise it.")
-    recorder = _RewardRecorder(make_trl_reward())
+    trainer_class, grpo_args, state = _with_curriculum(settings, tplan, rows, GRPOTrainer)
+    recorder = _RewardRecorder(make_trl_reward(), state.observe if state else None)
 
     class _Report(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -224,8 +229,8 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
                 progress(1)
 
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        args = GRPOConfig(output_dir=str(tmp / "trainer"), **tplan.grpo_args)
-        trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[recorder], args=args,
+        args = GRPOConfig(output_dir=str(tmp / "trainer"), **grpo_args)
+        trainer = trainer_class(model=str(model_dir), reward_funcs=[recorder], args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               callbacks=[_Report(), finite_guard("rl grpo (TRL)")])
         trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report instead
@@ -237,13 +242,35 @@ def run_grpo(settings: RLSettings, tplan: TrlPlan, output: Path, overwrite: bool
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; rl-grpo.yaml has it all
         history = list(trainer.state.log_history)
-        write_curves(tmp, history, f"rl {settings.algorithm} (TRL)",
-                     extra=_per_step(history, health))
+        extra = _per_step(history, health)
+        if state is not None:
+            for step, values in state.step_extras([int(h["step"]) for h in history]).items():
+                extra.setdefault(step, {}).update(values)
+        write_curves(tmp, history, f"rl {settings.algorithm} (TRL)", extra=extra)
         write_jsonl(tmp / "completions.jsonl", recorder.records)
         save_settings(tmp, f"rl {settings.algorithm}", saved_settings(settings))
     rewards = [h["reward"] for h in history if "reward" in h]
     return TrlResult(output=Path(output), steps=trainer.state.global_step, rewards=rewards,
-                     dropped_prompts=dropped, health=health, log_history=history)
+                     dropped_prompts=dropped, health=health, log_history=history,
+                     curriculum=state.summary() if state else None)
+
+
+def _with_curriculum(settings: RLSettings, tplan: TrlPlan, rows: list[dict[str, Any]],
+                     base: type) -> tuple[type, dict[str, Any], Any]:
+    """The trainer class, GRPOConfig arguments and stage state of a curriculum run (the plain
+    trainer and arguments without one). The run's length is then fixed: the sampler draws it."""
+    from cellpuzzle_cli.rl.curriculum import plan_total, staged_grpo, trl_state
+
+    args = dict(tplan.grpo_args)
+    if settings.ours.curriculum is None:
+        return base, args, None
+    per_round = args["generation_batch_size"] // (
+        args["per_device_train_batch_size"] * args["gradient_accumulation_steps"])
+    spr = per_round * args["num_iterations"]
+    total = args["max_steps"] if args["max_steps"] > 0 else plan_total(settings, len(rows)) * spr
+    state = trl_state(settings, rows, tplan.train_file, spr, total)
+    args["max_steps"] = total
+    return staged_grpo(base, state, total // spr + 2), args, state
 
 
 def _refuse_no_op(health: RewardHealth, fail_on_flat: bool) -> None:

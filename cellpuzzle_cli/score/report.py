@@ -69,11 +69,13 @@ def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool 
     overall["errors"] = j.errors
     offered = j.n if j.n_candidates is None else j.n_candidates
     overall.update(chance(j.n, offered))
+    _add_gaps(overall)
     by_n = {}
     for value in np.unique(j.n):
         mask = j.n == value
         by_n[int(value)] = summarise(j, mask, np.random.default_rng([seed, int(value)]), resamples)
         by_n[int(value)].update(chance(j.n[mask], offered[mask]))
+        _add_gaps(by_n[int(value)])
     missing = None
     if reference is not None:
         have = {p for p in j.puzzle_ids if p is not None}
@@ -82,6 +84,13 @@ def report(j: Judged, resamples: int = 1000, seed: int = 0, cello1_compat: bool 
     tree = hierarchical(j.cells, label_ids) if j.cells is not None else None
     return Report(j.name, overall, by_n, [str(f) for f in j.files], j.errors, missing, length_unit,
                   cello1_compat, {"resamples": resamples, "seed": seed}, types, tree)
+
+
+def _add_gaps(metrics: dict[str, Any]) -> None:
+    """How far from every puzzle solved (1 − exact match), the run's and chance's: the share of
+    puzzles still to win, which reads across N where exact match itself falls with N."""
+    metrics["gap_to_optimum"] = 1.0 - metrics["exact_match"]
+    metrics["chance_gap_to_optimum"] = 1.0 - metrics["chance_exact_match"]
 
 
 @dataclass
