@@ -229,7 +229,7 @@ def sft_schedule(records: Sequence[dict[str, Any]], settings: SftSettings, data:
     if lengths is None:
         return None
     from cellpuzzle_cli.predict.records import puzzle_size
-    from cellpuzzle_cli.split import holdout
+    from cellpuzzle_cli.training_data import holdout
 
     stages = parse_plan(settings.curriculum)
     train = holdout(records, settings.eval_size, settings.seed)[0]
