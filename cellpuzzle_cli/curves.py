@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +212,21 @@ def eval_leaves_training_alone() -> Any:
             self.saved = None
 
     return _Keep()
+
+
+def progress_callback(update: Callable[..., None]) -> Any:
+    """A TrainerCallback that advances a progress bar per optimiser step and shows the loss."""
+    from transformers import TrainerCallback
+
+    class _Bar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            update(state.global_step, total=state.max_steps, description="sft")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                update(0, description=f"sft loss {logs['loss']:.3f}")
+
+    return _Bar()

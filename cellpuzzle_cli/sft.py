@@ -278,24 +278,6 @@ def make_trainer(source: str, train_examples: list[dict], eval_examples: list[di
     return trainer
 
 
-def progress_callback(update: Progress):
-    """A TrainerCallback that advances a progress bar per optimiser step and shows the loss."""
-    from transformers import TrainerCallback
-
-    class _Bar(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            update(state.global_step, total=state.max_steps, description="sft")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            update(1)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                update(0, description=f"sft loss {logs['loss']:.3f}")
-
-    return _Bar()
-
-
 # -- checkpoints and outputs ----------------------------------------------------------------
 def checkpoint_dir(out: Path) -> Path:
     """The stable work folder beside `out` that survives an interrupted run."""
@@ -347,8 +329,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
     Under torchrun every process trains; only the main one prepares the checkpoint folder and
     writes the output.
     """
-    from cellpuzzle_cli import curriculum
-    from cellpuzzle_cli.curves import eval_leaves_training_alone, finite_guard, write_curves
+    from cellpuzzle_cli import curriculum, curves
     from cellpuzzle_cli.distributed import is_main_process, world_size
 
     out = Path(out)
@@ -364,8 +345,8 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
         ckpt = _prepare_work_dir(out, resume, overwrite)
     else:
         ckpt = latest_checkpoint(work) if resume else None
-    callbacks = [finite_guard("sft"), eval_leaves_training_alone(),
-                 *([progress_callback(progress)] if progress and main else [])]
+    callbacks = [curves.finite_guard("sft"), curves.eval_leaves_training_alone(),
+                 *([curves.progress_callback(progress)] if progress and main else [])]
     trainer = make_trainer(source, train_ex, eval_ex, settings, work, trust_remote_code, callbacks,
                            schedule)
     t0 = time.perf_counter()
@@ -399,7 +380,7 @@ def run_sft(model: str | Path, data: Path, out: Path, settings: SftSettings, *,
             sort_adapter_module_lists(tmp / "adapter_config.json")
         trainer.processing_class.save_pretrained(tmp)
         save_settings(tmp, "sft", settings)
-        write_curves(tmp, trainer.state.log_history, f"sft ({settings.finetune})",
+        curves.write_curves(tmp, trainer.state.log_history, f"sft ({settings.finetune})",
                      extra=schedule and curriculum.step_extras(schedule, trainer.state.log_history))
         if settings.keep_checkpoints and work.exists():
             shutil.move(str(work), tmp / "checkpoints")
