@@ -60,7 +60,7 @@ class MarkerBackend:
         folds = [MarkerStats(self.types, genes, counts[f], n_cells[f], depths=self.depths)
                  for f in (0, 1)]
         self.log_prior = _log_prior(n_cells.sum(axis=0), settings.type_prior)
-        self.temperature, self.held_out_accuracy = _calibrate(folds, sample, self.log_prior)
+        self.temperature = _calibrate(folds, sample, self.log_prior)
         self.stats = MarkerStats(self.types, genes, counts.sum(axis=0), n_cells.sum(axis=0),
                                  depths=self.depths)
         self.model_label = (f"marker likelihoods over each cell's top {k} genes (depths "
@@ -170,8 +170,8 @@ def _log_prior(n_cells: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _calibrate(folds: list[MarkerStats], sample: list[tuple[Ranked, np.ndarray, np.ndarray]],
-               log_prior: np.ndarray) -> tuple[float, float]:
-    """(temperature, held-out accuracy): each sampled cell scored by the other fold's model."""
+               log_prior: np.ndarray) -> float:
+    """The temperature of the probabilities: each sampled cell scored by the other fold's model."""
     scores, truth = [], []
     for chunk, types, cell_folds in sample:
         for f in (0, 1):
@@ -181,8 +181,6 @@ def _calibrate(folds: list[MarkerStats], sample: list[tuple[Ranked, np.ndarray, 
                 scores.append(folds[1 - f].score_ranked(held_out.lengths, held_out.genes))
                 truth.append(types[mine])
     if not scores:
-        return 1.0, float("nan")
-    all_scores, all_truth = np.concatenate(scores), np.concatenate(truth)
-    accuracy = float(np.mean(all_scores[:, :-1].argmax(axis=1) == all_truth))
-    return fit_temperature(all_scores, all_truth, log_prior), accuracy
+        return 1.0
+    return fit_temperature(np.concatenate(scores), np.concatenate(truth), log_prior)
 

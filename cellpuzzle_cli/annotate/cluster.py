@@ -58,7 +58,6 @@ class Clustering:
     distances: Any = None              # their kNN distances (scipy CSR), for smoothing
     pcs: np.ndarray | None = None      # their PCA coordinates (for the plot's UMAP)
     resolution: float | None = None
-    clustered: int = 0                 # cells clustered directly (the rest joined)
     note: str | None = None
 
 
@@ -66,8 +65,7 @@ def given_clusters(query: QueryFile) -> Clustering:
     """The user's clusters; categories without cells are left out."""
     codes, cats = query.clusters
     used, inverse = np.unique(codes, return_inverse=True)
-    return Clustering(inverse.astype(np.int32), [str(cats[u]) for u in used], True,
-                      clustered=query.n_cells)
+    return Clustering(inverse.astype(np.int32), [str(cats[u]) for u in used], True)
 
 
 def overclustering_resolution(n_cells: int) -> float:
@@ -89,7 +87,7 @@ def cluster_query(query: QueryFile, settings: AnnotateSettings,
     rng = np.random.default_rng([settings.seed, 3])
     rows = np.arange(n) if n <= budget else np.sort(rng.choice(n, budget, replace=False))
     if rows.size < _MIN_CLUSTER_CELLS:
-        return Clustering(np.zeros(n, dtype=np.int32), ["0"], False, clustered=n,
+        return Clustering(np.zeros(n, dtype=np.int32), ["0"], False,
                           note=f"{n} cells are too few to cluster: they form one cluster.")
     if progress:
         progress(0, total=rows.size, description="cluster")
@@ -115,8 +113,7 @@ def cluster_query(query: QueryFile, settings: AnnotateSettings,
                 "centroid in PCA space.")
     names = [str(i) for i in range(int(labels.max()) + 1)]
     return Clustering(codes, names, False, rows, adata.obsp["distances"].tocsr(),
-                      np.asarray(adata.obsm["X_pca"], dtype=np.float32), resolution,
-                      int(rows.size), note)
+                      np.asarray(adata.obsm["X_pca"], dtype=np.float32), resolution, note)
 
 
 def in_memory_budget(query: QueryFile, limit: int) -> tuple[int, str]:

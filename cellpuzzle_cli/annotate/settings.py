@@ -10,7 +10,6 @@ from cellpuzzle_cli.config import Check, Count, Fraction, NonNegative, Rate, See
 from cellpuzzle_cli.errors import UserError
 
 BACKENDS = ("baseline", "celltypist", "hf", "vllm")
-SCORE_BACKENDS = ("baseline", "celltypist")   # fill the matrix from scores; hf/vllm vote
 MODEL_BACKENDS = ("hf", "vllm")
 LABEL_BY = ("auto", "cell", "cluster")
 MACHINE = {"machine": True}   # how fast, never what: left out of the saved annotate.yaml

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 KEY = "cellpuzzle.curriculum"
 TOTAL_KEY = "trainer.total_training_steps"
-STAGED_FILE = Path("curriculum") / "train.parquet"  # verl: the ordered file, inside -o
 
 
 def row_size(row: dict[str, Any]) -> int:
